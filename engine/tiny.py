@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 VARIANTS = ("t2v", "a14b", "ti2v", "i2v")
-DEFAULT_DIR = Path(os.environ.get("FIS_CACHE", Path.home() / ".cache" / "fis-engine"))
 _VOCAB_TEXT = (
     "a the an of on in with and at to over under moving left right up down quickly slowly red green blue "
     "yellow white black orange purple circle square triangle ball cat dog car bird tree sky sea city night "
@@ -90,7 +89,8 @@ def build_pipeline(variant: str = "t2v", seed: int = 0, num_layers: int = 6):
 
 def ensure_tiny(variant: str = "t2v", root: Path | None = None) -> Path:
     """Build and save the tiny pipeline once; return its folder (a normal diffusers pipeline folder)."""
-    path = Path(root or DEFAULT_DIR) / f"tiny-wan-{variant}-v1"
+    root = root or os.environ.get("FIS_CACHE") or Path.home() / ".cache" / "fis-engine"
+    path = Path(root) / f"tiny-wan-{variant}-v1"
     if not (path / "model_index.json").exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         build_pipeline(variant).save_pretrained(tmp)

@@ -41,16 +41,12 @@ def parse_blocks(spec) -> tuple[int, ...] | None:
     out = []
     for part in spec.replace(" ", "").split(","):
         try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise FISConfigError(f"fis blocks: range '{part}' is empty (end < start)")
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
+            lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part),) * 2
         except ValueError:
             raise FISConfigError(f"fis blocks: cannot parse '{part}' in '{spec}' (use 'a-b' or 'a,b,c')") from None
+        if hi < lo:
+            raise FISConfigError(f"fis blocks: range '{part}' is empty (end < start)")
+        out.extend(range(lo, hi + 1))
     return tuple(out)
 
 

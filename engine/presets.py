@@ -1,0 +1,38 @@
+"""FIS presets: TOML files in configs/fis/, one per (model family, preset), user-editable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fis import FISConfig, FISConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "fis"
+PRESETS = ("balanced", "fast")
+
+
+def model_family(transformer_config) -> str:
+    """Which preset family a Wan transformer config belongs to (by architecture, not by name)."""
+    c = transformer_config
+    dim = c["num_attention_heads"] * c["attention_head_dim"]
+    if c["num_layers"] == 40 and dim == 5120:
+        return "wan-14b"
+    if c["num_layers"] == 30 and dim == 3072:
+        return "wan-5b"
+    if c["num_layers"] == 30 and dim == 1536:
+        return "wan-1.3b"
+    return "default"
+
+
+def load_fis(spec: str | None, family: str = "default") -> FISConfig | None:
+    """'off'/None -> None; 'balanced'/'fast' -> the family's preset; anything else -> a TOML path."""
+    if spec is None or spec.lower() in ("off", "none", "dense"):
+        return None
+    if spec.lower() in PRESETS:
+        path = PRESET_DIR / f"{family}.{spec.lower()}.toml"
+        if not path.exists():
+            path = PRESET_DIR / f"default.{spec.lower()}.toml"
+        cfg = FISConfig.from_toml(path)
+        return cfg.replace(name=spec.lower())
+    if spec.endswith(".toml") or Path(spec).exists():
+        return FISConfig.from_toml(spec)
+    raise FISConfigError(f"unknown FIS preset {spec!r}: use off, {', '.join(PRESETS)} or a path to a .toml file")

@@ -1,0 +1,71 @@
+"""Writing results: mp4 through imageio-ffmpeg, latents, metrics — each atomically (temp + rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _atomic(path: Path, suffix: str):
+    """A temp file beside `path` (same filesystem, so os.replace is atomic), with normal permissions."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return Path(tmp)
+
+
+def to_uint8(frames) -> np.ndarray:
+    """[F, H, W, 3] float in [0, 1] (diffusers 'np' output) -> uint8."""
+    frames = np.asarray(frames)
+    if frames.ndim == 5:  # [B, F, H, W, 3]: one video per request
+        frames = frames[0]
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return frames
+
+
+def write_mp4(frames, path: str | Path, fps: int = 16) -> Path:
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    tmp = _atomic(path, ".mp4")
+    try:
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                ffmpeg_log_level="error") as w:
+            for f in to_uint8(frames):
+                w.append_data(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_mp4(path: str | Path) -> np.ndarray:
+    import imageio.v2 as imageio
+
+    return np.stack(list(imageio.get_reader(path)))  # [F, H, W, 3] uint8
+
+
+def write_json(obj, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = _atomic(path, ".json")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def save_latents(latents, path: str | Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = _atomic(path, ".safetensors")
+    save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,168 @@
+"""The Worker: one per GPU (or CPU process). Loads the pipeline once, serves many requests.
+
+torchrun (launch/generate.py), Ray Serve and batch rendering all drive the same class, by method
+name through `execute`, so the model code path is identical everywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fis import UNIT, DiTDims, generation_flops
+
+from . import metrics as M
+from .fis_hooks import FISState, apply_fis
+from .loader import (load_loras, load_pipeline, model_info, pick_device, pick_dtype, set_scheduler,
+                     transformers_of)
+from .request import GenerationRequest, UserError, validate
+
+MAX_SEQUENCE_LENGTH = 512  # Wan's text length (umT5 tokens)
+
+
+class Cancelled(Exception):
+    """Raised from the step callback when the caller cancels a running job."""
+
+
+@dataclass
+class WorkerConfig:
+    model: str | None = None  # pipeline folder or hub id; None = the embedded tiny model
+    device: str = "auto"
+    dtype: str = "auto"
+    lora: str | None = None  # -> transformer (Wan 2.2: high-noise expert)
+    lora_2: str | None = None  # -> transformer_2 (low-noise expert)
+    lora_scale: float = 1.0
+    scheduler: str = "default"  # 'euler' + shift 5 for Wan 2.2 Lightning
+    shift: float | None = None
+    attention_backend: str | None = None  # diffusers backend name, e.g. '_native_cudnn'
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, rank: int = 0):
+        self.cfg, self.rank = cfg, rank
+        self.device = pick_device(cfg.device)
+        dtype = pick_dtype(cfg.dtype, self.device)
+        self.pipe = load_pipeline(cfg.model, self.device, dtype)
+        load_loras(self.pipe, cfg.lora, cfg.lora_2, cfg.lora_scale)
+        set_scheduler(self.pipe, cfg.scheduler, cfg.shift)
+        self.info = model_info(self.pipe)
+        self.transformers = transformers_of(self.pipe)
+        if cfg.attention_backend:
+            for t in self.transformers:
+                t.set_attention_backend(cfg.attention_backend)
+        self.fis = FISState(None, self.info.num_blocks)  # one state for both experts
+        for t in self.transformers:
+            apply_fis(t, None, self.fis)
+        self.pipe.set_progress_bar_config(disable=rank != 0, desc="denoise", leave=False)
+
+    def execute(self, method: str, *args, **kwargs):
+        """Entry point for remote drivers (Ray actors, torchrun loops): call a method by name."""
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return getattr(self, method)(*args, **kwargs)
+
+    def describe(self) -> dict:
+        t = self.transformers[0]
+        return {"model": self.cfg.model or "embedded-tiny", "pipeline": type(self.pipe).__name__,
+                "experts": len(self.transformers), "blocks": self.info.num_blocks, "family": self.info.family,
+                "device": str(self.device), "dtype": str(t.dtype)}
+
+    def validate(self, req: GenerationRequest) -> GenerationRequest:
+        return validate(req, self.info)
+
+    def flops(self, req: GenerationRequest, fis=None) -> float:
+        dims = DiTDims.from_wan_config(dict(self.transformers[0].config), vae_s=self.info.vae_s,
+                                       vae_t=self.info.vae_t, text_len=MAX_SEQUENCE_LENGTH)
+        plan = None if fis is None else fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames),
+                                                    req.steps)
+        cfg_passes = 2 if req.guidance > 1.0 else 1
+        return generation_flops(dims, req.num_frames, req.height, req.width, req.steps, plan, cfg_passes)
+
+    @torch.no_grad()
+    def generate(self, req: GenerationRequest, on_step=None, cancel=None, decode: bool = True) -> dict:
+        """Run one request. on_step(k, n) after each step; cancel() -> True aborts (Cancelled).
+        Returns {'frames': [F, H, W, 3] float array (None if not decode), 'latents': final latents,
+        'metrics': dict}."""
+        req = self.validate(req)
+        dev, pipe = self.device, self.pipe
+        M.reset_peak(dev)
+        t_start = M.now(dev)
+        cfg = req.guidance > 1.0
+        pos, neg = pipe.encode_prompt(req.prompt, req.negative_prompt or None, do_classifier_free_guidance=cfg,
+                                      max_sequence_length=MAX_SEQUENCE_LENGTH, device=dev)
+        t_loop = M.now(dev)
+        steps_s, final = [], {}
+
+        def on_step_end(p, i, t, kw):
+            self.fis.step = i + 1  # the pipeline's real step index: right for CFG and both experts
+            tick = M.now(dev)  # one sync per step, never inside the block loop
+            steps_s.append(tick - (t_loop if i == 0 else on_step_end.last))
+            on_step_end.last = tick
+            if i == req.steps - 1:
+                final["latents"] = kw["latents"]
+            if on_step is not None:
+                on_step(i + 1, req.steps)
+            if cancel is not None and cancel():
+                raise Cancelled()
+            return {}
+
+        extra = {}
+        if self.info.needs_image:
+            extra["image"] = load_image(req.image)
+        self.fis.begin(req.steps, req.fis)
+        try:
+            out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=req.height, width=req.width,
+                       num_frames=req.num_frames, num_inference_steps=req.steps, guidance_scale=req.guidance,
+                       generator=torch.Generator("cpu").manual_seed(req.seed),
+                       output_type="np" if decode else "latent",
+                       callback_on_step_end=on_step_end, **extra)
+        finally:
+            self.fis.begin(1, None)
+        t_end = M.now(dev)
+        dense = self.flops(req)
+        used = self.flops(req, req.fis)
+        loop_s = sum(steps_s)
+        metrics = {
+            "request": req.to_dict(),
+            "worker": self.describe(),
+            "latency_s": t_end - t_start,
+            "text_encode_s": t_loop - t_start,
+            "denoise_s": loop_s,
+            "decode_s": t_end - t_loop - loop_s,
+            "step_s": steps_s,
+            "flops_P": used / UNIT,
+            "flops_dense_P": dense / UNIT,
+            "speedup_estimate": dense / used,
+            "peak_memory_gib": M.peak_memory_gib(dev),
+            "gpu": M.gpu_info(dev),
+            "versions": versions(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if req.fis is not None:
+            plan = req.fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames), req.steps)
+            metrics["fis"] = {**req.fis.to_dict(), "sparse_blocks": list(plan.sparse_blocks),
+                              "sparse_steps": [s for s in range(req.steps) if plan.step_is_sparse(s)]}
+        return {"frames": out.frames[0] if decode else None, "latents": final["latents"], "metrics": metrics}
+
+
+def load_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image {path!r} does not exist") from None
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"image {path!r} is not a readable image") from None
+
+
+def versions() -> dict:
+    import diffusers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+__all__ = ["Worker", "WorkerConfig", "Cancelled", "GenerationRequest", "UserError"]

@@ -1,0 +1,33 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_cache(tmp_path_factory):
+    """Tiny pipelines are built into a per-session folder; nothing touches the network."""
+    os.environ["FIS_CACHE"] = str(tmp_path_factory.mktemp("fis-cache"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    """Saved tiny pipeline folders, built once per variant per session."""
+    from engine.tiny import ensure_tiny
+
+    return lambda variant="t2v": ensure_tiny(variant)
+
+
+def run_cli(script: str, *args, cwd=None, timeout=300):
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "launch" / script), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=timeout)
