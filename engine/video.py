@@ -47,9 +47,12 @@ def write_mp4(frames, path: str | Path, fps: int = 16) -> Path:
 
 
 def read_mp4(path: str | Path) -> np.ndarray:
-    import imageio.v2 as imageio
+    """Decode an mp4 to [F, H, W, 3] uint8 (used by tests and the eval harness)."""
+    import imageio_ffmpeg
 
-    return np.stack(list(imageio.get_reader(path)))  # [F, H, W, 3] uint8
+    gen = imageio_ffmpeg.read_frames(str(path))
+    w, h = next(gen)["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen])
 
 
 def write_json(obj, path: str | Path) -> Path:

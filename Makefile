@@ -1,0 +1,25 @@
+# Two entry points (see README): `make demo` renders a video with the embedded model, `make test` runs the tests.
+# Both create .venv and install what they need; no model weights are ever downloaded.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU machines: the torch 2.13.0 CPU wheel lies on this machine's disk; an unpinned torch would pull CUDA.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p outputs
+	$(PY) launch/generate.py --prompt "a red circle moving right quickly on a dark background" \
+		--fis balanced --output outputs/demo.mp4
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+.PHONY: install demo test

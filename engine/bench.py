@@ -1,0 +1,553 @@
+"""GPU benchmark of FIS-DiT on real-size Wan architectures with random weights (issue 3, paper Tables 1-3).
+
+One process, one set of inputs, one seed: every row (Dense, the FIS presets, MagCache-Force, the ablations) runs
+the same 4-step flow-match Euler loop on the same models, so latencies, peak memory and final latents compare
+directly. Models are built on the GPU in bf16 with diffusers' own initialisation (no download; text embeddings
+are random tensors of the real shape). Rows run in order of importance and each one survives another's failure.
+
+    python launch/bench.py --model wan2.2-a14b --resolution 480p --attention-sweep --ablations --profile
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from fis import UNIT, DiTDims, FISConfig, generation_flops
+
+from .fis_hooks import FISState, apply_fis, remove_fis
+from .presets import load_fis, model_family
+from .request import RESOLUTIONS
+
+
+class BenchError(ValueError):
+    """Bad benchmark input; the message is one line and lists the valid values."""
+
+
+# ---- models ---------------------------------------------------------------------------------------------------
+_WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+# Wan 2.2 VAE (TI2V-5B, 48 latent channels); AutoencoderKLWan's defaults are the Wan 2.1 VAE. Latent statistics
+# only rescale the input, so neutral ones keep the timing real.
+_VAE_2_2 = dict(base_dim=160, decoder_base_dim=256, z_dim=48, in_channels=12, out_channels=12, patch_size=2,
+                is_residual=True, scale_factor_spatial=16, scale_factor_temporal=4,
+                latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+_TINY = dict(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=6,
+             rope_max_seq_len=64)
+_TINY_VAE = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+TINY_VIDEO = (33, 64, 64)  # frames, height, width: 9 latent frames, so stride 5 still leaves interpolated frames
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    transformer: dict  # WanTransformer3DModel config
+    experts: int = 1  # Wan 2.2 A14B: high-noise expert, then low-noise expert
+    boundary_ratio: float | None = None  # switch to expert 2 below boundary_ratio * 1000 (WanPipeline)
+    expand_timesteps: bool = False  # TI2V-5B: one timestep per token, temb [B, N, 6, C]
+    vae: dict = field(default_factory=dict)  # AutoencoderKLWan config
+    vae_s: int = 8  # VAE spatial compression
+    text_len: int = 512
+
+    @property
+    def dims(self) -> DiTDims:
+        return DiTDims.from_wan_config(self.transformer, vae_s=self.vae_s, text_len=self.text_len)
+
+    def tiny(self) -> "ModelSpec":
+        """Same structure (experts, channels, per-token timesteps, VAE kind) at toy width, for the CPU smoke run."""
+        return replace(self, name=f"{self.name} (tiny)", transformer={**self.transformer, **_TINY},
+                       vae={**self.vae, **_TINY_VAE}, text_len=16)
+
+
+MODELS = {
+    "wan2.2-a14b": ModelSpec("wan2.2-a14b", dict(_WAN, num_attention_heads=40, in_channels=16, out_channels=16,
+                                                 ffn_dim=13824, num_layers=40), experts=2, boundary_ratio=0.875),
+    "wan2.2-ti2v-5b": ModelSpec("wan2.2-ti2v-5b", dict(_WAN, num_attention_heads=24, in_channels=48, out_channels=48,
+                                                       ffn_dim=14336, num_layers=30),
+                                expand_timesteps=True, vae=_VAE_2_2, vae_s=16),
+    "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", dict(_WAN, num_attention_heads=12, in_channels=16, out_channels=16,
+                                                 ffn_dim=8960, num_layers=30)),
+}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_transformer(config: dict, device: torch.device, seed: int):
+    """Random-weight WanTransformer3DModel, materialised directly on `device` in bf16 (14B never exists in fp32).
+
+    Like `from_pretrained(torch_dtype=bf16)`, the `_keep_in_fp32_modules` (norms, modulation table, time embedder)
+    are fp32, so the elementwise work is the real one. diffusers' default init keeps the residual stream bounded
+    (hidden RMS 0.58 -> 0.60 over the 30 blocks of the 1.3B config), so it needs no rescaling.
+    """
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(torch.bfloat16):
+        model = WanTransformer3DModel(**config)
+    keep = model._keep_in_fp32_modules
+    for name, p in model.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            p.data = p.data.float()
+    return model.eval().requires_grad_(False)
+
+
+def build_block(config: dict, device: torch.device, seed: int = 0):
+    """One WanTransformerBlock of `config` (bf16, fp32 norms/modulation), for the kernel sweep."""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    torch.manual_seed(seed)
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    with torch.device(device), default_dtype(torch.bfloat16):
+        block = WanTransformerBlock(dim, config["ffn_dim"], config["num_attention_heads"], config["qk_norm"],
+                                    config["cross_attn_norm"], config["eps"])
+    for name, p in block.named_parameters():
+        if name.split(".")[0] in ("scale_shift_table", "norm1", "norm2", "norm3"):
+            p.data = p.data.float()
+    return block.eval().requires_grad_(False)
+
+
+def set_backend(module, backend: str) -> None:
+    """diffusers attention backend on a model or on the attention layers of a bare block."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    _check_attention_backend_requirements(AttentionBackendName(backend))  # missing package -> clear error now
+    if hasattr(module, "set_attention_backend") and not isinstance(module, AttentionModuleMixin):
+        module.set_attention_backend(backend)
+        return
+    for m in module.modules():
+        if isinstance(m, AttentionModuleMixin):
+            m.set_attention_backend(backend)
+
+
+def compile_blocks(models, mode: str) -> None:
+    """torch.compile each block's own forward before any hook wraps it: the FIS/MagCache hooks stay eager Python,
+    the block maths is fused. `static` compiles once per token count (dense + the 2-3 anchor counts of a stride);
+    `auto` lets dynamo mark the token dimension dynamic at the first new count."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for model in models:
+        for block in model.blocks:
+            block.forward = torch.compile(block.forward, dynamic=None if mode == "auto" else False)
+
+
+# ---- rows -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    name: str
+    preset: str | None = None  # FIS preset (engine.presets), None = dense
+    overrides: tuple = ()  # (field, value) pairs on top of the preset: the ablations
+    magcache: bool = False
+    ablation: bool = False
+
+    def fis(self, family: str) -> FISConfig | None:
+        if self.preset is None:
+            return None
+        return load_fis(self.preset, family).replace(name=self.name, **dict(self.overrides))
+
+
+MAIN_ROWS = (
+    Row("Dense"),
+    Row("FIS-Balanced", "balanced"),
+    Row("FIS-Fast", "fast"),
+    Row("MagCache-Force", magcache=True),
+    Row("FIS-Balanced+MagCache-Force", "balanced", magcache=True),
+)
+# Paper Table 2 (interleaved vs fixed anchors; s=3 and s=5 interleaved are FIS-Balanced / FIS-Fast) and Table 3.
+ABLATION_ROWS = (
+    Row("FIS-s3-fixed", "balanced", (("stride", 3), ("interleave", False)), ablation=True),
+    Row("FIS-s4", "balanced", (("stride", 4),), ablation=True),
+    Row("FIS-s4-fixed", "balanced", (("stride", 4), ("interleave", False)), ablation=True),
+    Row("FIS-s5-fixed", "balanced", (("stride", 5), ("interleave", False)), ablation=True),
+    Row("FIS-no-block-protection", "balanced", (("dense_head", 0), ("dense_tail", 0)), ablation=True),
+    Row("FIS-no-step-protection", "balanced", (("dense_steps", 0),), ablation=True),
+    Row("FIS-no-protection", "balanced", (("dense_head", 0), ("dense_tail", 0), ("dense_steps", 0)), ablation=True),
+    Row("FIS-linear", "balanced", (("operator", "linear"),), ablation=True),
+)
+ROWS = {r.name: r for r in MAIN_ROWS + ABLATION_ROWS}
+
+# MagCache-Force. The paper's row skips one step in four (19.57 of 26.09 PFLOP at 720p) and, combined with
+# FIS-Balanced, that step is a sparse one: the final step runs. diffusers' MagCache skips a step when the error
+# accumulated from the calibrated magnitude ratios stays under the threshold. Forcing it: ratio 1.0 (no change
+# predicted: error 0, always under the threshold) on every step but the last, whose ratio 0.0 (error 1.0) is over
+# it; max_skip_steps=1 forbids two skips in a row. Per expert (each keeps its own residual) this skips exactly
+# step 1 of 4 on Wan 2.2 A14B, TI2V-5B and 2.1 1.3B alike.
+MAGCACHE_FORCE = dict(threshold=0.5, max_skip_steps=1, retention_ratio=0.0)
+
+
+def parse_rows(spec: str, ablations: bool) -> list[Row]:
+    """'all' = the Table 1 rows; names are comma separated, case-insensitive; --ablations appends Tables 2-3."""
+    by_lower = {n.lower(): r for n, r in ROWS.items()}
+    rows = []
+    for name in (s.strip() for s in spec.split(",") if s.strip()):
+        if name.lower() == "all":
+            rows += MAIN_ROWS
+        elif name.lower() in by_lower:
+            rows.append(by_lower[name.lower()])
+        else:
+            raise BenchError(f"unknown row {name!r}; valid: all, {', '.join(ROWS)}")
+    if ablations:
+        rows += ABLATION_ROWS
+    if not rows:
+        raise BenchError(f"no rows given; valid: all, {', '.join(ROWS)}")
+    order = {r.name: i for i, r in enumerate(MAIN_ROWS + ABLATION_ROWS)}
+    return sorted(set(rows), key=lambda r: order[r.name])  # Dense first: every other row is measured against it
+
+
+# ---- one benchmark process ------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """Everything shared by the rows: models, inputs, schedule."""
+
+    spec: ModelSpec
+    device: torch.device
+    frames: int
+    height: int
+    width: int
+    steps: int
+    experts: list
+    noise: torch.Tensor  # [1, C, F, H, W] fp32 initial latents
+    prompt: torch.Tensor  # [1, L, text_dim] bf16 random text embeddings
+    scheduler: object
+    route: list[int]  # expert index per step
+
+    @property
+    def family(self) -> str:
+        return model_family(self.spec.transformer)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.spec.dims.latent_grid(self.frames, self.height, self.width)
+
+    def flops(self, fis: FISConfig | None = None, skipped=()) -> float:
+        plan = None if fis is None else fis.resolve(self.spec.transformer["num_layers"], self.grid[0], self.steps)
+        return generation_flops(self.spec.dims, self.frames, self.height, self.width, self.steps, plan,
+                                skipped_steps=tuple(skipped))
+
+
+def build_setup(spec: ModelSpec, device, frames: int, height: int, width: int, steps: int, seed: int) -> Setup:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    experts = [build_transformer(spec.transformer, device, seed + i) for i in range(spec.experts)]
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)  # the Wan 2.2 Lightning sampler
+    scheduler.set_timesteps(steps)
+    boundary = None if spec.boundary_ratio is None else spec.boundary_ratio * scheduler.config.num_train_timesteps
+    # WanPipeline: t >= boundary -> transformer (high noise), else transformer_2; decided once, on the host
+    route = [0 if boundary is None or t >= boundary else 1 for t in scheduler.timesteps.tolist()]
+    f = (frames - 1) // spec.dims.vae_t + 1
+    c = spec.transformer["in_channels"]
+    g = torch.Generator().manual_seed(seed)  # CPU generator: the same noise on any device
+    noise = torch.randn(1, c, f, height // spec.vae_s, width // spec.vae_s, generator=g).to(device)
+    prompt = torch.randn(1, spec.text_len, spec.transformer["text_dim"], generator=g).to(device, torch.bfloat16)
+    return Setup(spec, device, frames, height, width, steps, experts, noise, prompt, scheduler, route)
+
+
+class StepTimer:
+    """Per-step device time without a host sync inside the loop (CUDA events; host clock on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def transformer_call(s: Setup, model, latents: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """One denoiser forward as WanPipeline makes it (guidance 1.0: one call). Returns (noise_pred, skipped)."""
+    if s.spec.expand_timesteps:  # TI2V: a timestep per token (all equal for text-to-video)
+        f, hw = s.grid
+        timestep = t.expand(1, f * hw)  # [B, N]
+    else:
+        timestep = t.expand(1)  # [B]
+    with model.cache_context("cond"):
+        pred = model(hidden_states=latents.to(torch.bfloat16), timestep=timestep, encoder_hidden_states=s.prompt,
+                     return_dict=False)[0]
+        return pred, magcache_skipped(model)
+
+
+def denoise(s: Setup, state: FISState | None) -> tuple[torch.Tensor, list[float], list[int]]:
+    """All denoising steps. Returns (final latents [1, C, F, H, W], seconds per step, MagCache-skipped steps)."""
+    s.scheduler.set_timesteps(s.steps, device=s.device)
+    s.scheduler.set_begin_index(0)  # no timestep lookup (a host sync) inside step()
+    for m in s.experts:
+        m._reset_stateful_cache()  # MagCache residuals of the previous generation
+    if state is not None:
+        state.begin(s.steps)
+    latents, skipped = s.noise.clone(), []
+    timer = StepTimer(s.device)
+    timer.mark()
+    for i, t in enumerate(s.scheduler.timesteps):
+        if state is not None:
+            state.step = i
+        pred, skip = transformer_call(s, s.experts[s.route[i]], latents, t)
+        if skip:
+            skipped.append(i)
+        latents = s.scheduler.step(pred, t, latents, return_dict=False)[0]
+        timer.mark()
+    return latents, timer.seconds(), skipped
+
+
+def magcache_skipped(model) -> bool:
+    """Did MagCache reuse the cached residual in the forward that just ran? (read inside its cache_context)"""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.mag_cache import _MAG_CACHE_LEADER_BLOCK_HOOK
+
+    hook = HookRegistry.check_if_exists_or_initialize(model.blocks[0]).get_hook(_MAG_CACHE_LEADER_BLOCK_HOOK)
+    return hook is not None and not hook.state_manager.get_state().should_compute
+
+
+def attach(s: Setup, fis: FISConfig | None, magcache: bool) -> FISState | None:
+    """FIS hooks first, MagCache on top: a skipped step then never enters the FIS hooks."""
+    from diffusers.hooks import MagCacheConfig
+
+    state = None
+    if fis is not None:
+        for m in s.experts:
+            state = apply_fis(m, fis, state=state)  # one state: both experts see the same step
+    if magcache:
+        for e, m in enumerate(s.experts):
+            owned = [i for i, r in enumerate(s.route) if r == e]
+            if owned:
+                ratios = [0.0 if i == s.steps - 1 else 1.0 for i in owned]
+                m.enable_cache(MagCacheConfig(**MAGCACHE_FORCE, num_inference_steps=len(owned), mag_ratios=ratios))
+    return state
+
+
+def detach(s: Setup) -> None:
+    """Reverse order of attach: diffusers re-links a removed hook's successor, so the outer hook goes first."""
+    from .adapters import adapter_for  # noqa: F401  (remove_fis needs the model registered with an adapter)
+    from diffusers.hooks import HookRegistry
+
+    for m in s.experts:
+        if m.is_cache_enabled:
+            m.disable_cache()
+        if HookRegistry.check_if_exists_or_initialize(m).get_hook("fis_model") is not None:
+            remove_fis(m)
+
+
+def fidelity(x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Relative L2 error of the final latents vs dense, overall and per latent frame (paper Eq. 6)."""
+    x, ref = x.float(), ref.float()  # [1, C, F, H, W]
+    err = (x - ref).transpose(1, 2).flatten(2)  # [1, F, C*H*W]
+    base = ref.transpose(1, 2).flatten(2)
+    per_frame = (err.norm(dim=2) / base.norm(dim=2))[0]  # [F]
+    return {"rel_l2": (err.norm() / base.norm()).item(), "frame_err": [round(v, 6) for v in per_frame.tolist()],
+            "frame_err_mean": per_frame.mean().item(), "frame_err_max": per_frame.max().item()}
+
+
+def _reset_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _failure(e: BaseException) -> str:
+    if isinstance(e, torch.OutOfMemoryError):
+        return "OOM"
+    traceback.print_exc(file=sys.stderr)
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+
+
+def measure_row(s: Setup, row: Row, warmup: int, repeats: int, dense: dict | None) -> dict:
+    """Warm-up, then `repeats` timed generations (median). Any failure becomes the row's status."""
+    out = {"name": row.name, "ablation": row.ablation, "magcache": row.magcache, "status": "ok"}
+    start = time.perf_counter()
+    try:
+        fis = row.fis(s.family)
+        out["fis"] = None if fis is None else fis.to_dict()
+        _reset_memory(s.device)
+        state = attach(s, fis, row.magcache)
+        for _ in range(warmup):
+            denoise(s, state)
+        runs = [denoise(s, state) for _ in range(repeats)]
+        latents, _, skipped = runs[-1]
+        out["peak_gib"] = _peak_gib(s.device)
+        totals = [sum(r[1]) for r in runs]
+        out["latency_s"] = statistics.median(totals)
+        out["latencies_s"] = totals
+        out["step_s"] = [statistics.median(r[1][i] for r in runs) for i in range(s.steps)]
+        out["skipped_steps"] = skipped
+        out["flops_P"] = s.flops(fis, skipped) / UNIT
+        out["tflops"] = out["flops_P"] * UNIT / out["latency_s"] / 1e12
+        out["finite"] = bool(torch.isfinite(latents).all())
+        out["latent_rms"] = latents.float().pow(2).mean().sqrt().item()
+        if not out["finite"]:
+            out["status"] = "non-finite output"
+        if dense is None:
+            out["latents"] = latents  # the reference of every later row; dropped before JSON
+        else:
+            out["speedup"] = dense["latency_s"] / out["latency_s"]
+            out.update(fidelity(latents, dense["latents"]))
+            if out["peak_gib"] is not None:
+                out["peak_vs_dense_pct"] = 100 * (out["peak_gib"] / dense["peak_gib"] - 1)
+    except Exception as e:  # OOM or a broken row: report it, keep the others
+        out["status"] = _failure(e)
+    finally:
+        detach(s)
+        out["wall_s"] = time.perf_counter() - start
+        _reset_memory(s.device)
+    return out
+
+
+def estimate_row_s(s: Setup, row: Row, dense: dict | None, generations: int) -> float:
+    """Rough wall time of a row from the dense row (latency scales with FLOPs, plus a floor for the dense step)."""
+    if dense is None or "latency_s" not in dense:
+        return 0.0
+    ratio = s.flops(row.fis(s.family)) / s.flops()
+    if row.magcache:
+        ratio *= 1 - 1 / s.steps
+    return generations * dense["latency_s"] * max(ratio, 0.3) + 5.0
+
+
+# ---- the whole run --------------------------------------------------------------------------------------------
+@dataclass
+class Options:
+    model: str = "wan2.2-a14b"
+    resolution: str = "480p"
+    rows: str = "all"
+    ablations: bool = False
+    attention_backend: str = "auto"
+    attention_sweep: bool = False
+    sweep_compile: str = "static"  # off | static | auto
+    compile: str = "off"  # off | static | auto
+    profile: bool = False
+    vae: bool = False
+    repeats: int = 3
+    ablation_repeats: int = 1
+    warmup: int = 1
+    frames: int = 81
+    steps: int = 4
+    seed: int = 0
+    tiny: bool = False
+    max_seconds: float = 540.0
+    out_json: str | None = None
+    docs: str | None = "docs/benchmarks.md"
+    command: str = ""
+
+
+COMPILE_MODES = ("off", "static", "auto")
+
+
+def validate(o: Options) -> None:
+    if o.model not in MODELS:
+        raise BenchError(f"unknown model {o.model!r}; valid: {', '.join(MODELS)}")
+    if o.resolution not in RESOLUTIONS:
+        raise BenchError(f"unknown resolution {o.resolution!r}; valid: {', '.join(RESOLUTIONS)}")
+    for flag, value in (("--compile", o.compile), ("--sweep-compile", o.sweep_compile)):
+        if value not in COMPILE_MODES:
+            raise BenchError(f"unknown {flag} mode {value!r}; valid: {', '.join(COMPILE_MODES)}")
+    if o.repeats < 1 or o.ablation_repeats < 1 or o.warmup < 0:
+        raise BenchError("--repeats and --ablation-repeats must be >= 1, --warmup >= 0")
+    if o.steps < 1 or o.frames < 1 or (o.frames - 1) % 4:
+        raise BenchError(f"--frames must be 4k+1 (e.g. 81) and --steps >= 1; got {o.frames} frames, {o.steps} steps")
+    if not o.tiny and not torch.cuda.is_available():
+        raise BenchError("no CUDA device: the real-size benchmark needs a GPU (use --tiny for the CPU smoke run)")
+    parse_rows(o.rows, o.ablations)
+
+
+def run(o: Options) -> dict:
+    """Sweep -> build -> rows (Dense, FIS, MagCache) -> profile -> ablations -> VAE; JSON saved after each stage."""
+    from . import bench_kernels as K
+    from .bench_report import environment, save
+
+    validate(o)
+    t0 = time.perf_counter()
+    spec = MODELS[o.model].tiny() if o.tiny else MODELS[o.model]
+    device = torch.device("cpu" if o.tiny else "cuda")
+    frames, height, width = TINY_VIDEO if o.tiny else (o.frames, *RESOLUTIONS[o.resolution])
+    report = {**environment(device, o.command), "model": spec.name, "resolution": "tiny" if o.tiny else o.resolution,
+              "frames": frames, "height": height, "width": width, "steps": o.steps, "seed": o.seed,
+              "warmup": o.warmup, "repeats": o.repeats, "ablation_repeats": o.ablation_repeats, "compile": o.compile,
+              "rows": []}
+    f, hw = spec.dims.latent_grid(frames, height, width)
+    report.update(latent_frames=f, tokens=f * hw)
+    sweep_grids = K.sweep_grids(spec, frames, o.tiny, o.resolution)
+
+    if o.attention_sweep:
+        print("attention sweep ...", flush=True)
+        report["sweep"] = K.attention_sweep(spec, device, sweep_grids, o.sweep_compile)
+        save(report, o.out_json)
+    backend, why = K.choose_backend(o.attention_backend, report.get("sweep"), spec, device, sweep_grids)
+    report.update(attention_backend=backend, attention_backend_choice=why)
+    print(f"attention backend: {backend} ({why})", flush=True)
+
+    print(f"building {spec.name} ...", flush=True)
+    t = time.perf_counter()
+    s = build_setup(spec, device, frames, height, width, o.steps, o.seed)
+    for m in s.experts:
+        set_backend(m, backend)
+    if o.compile != "off":
+        compile_blocks(s.experts, o.compile)
+    report["build_s"] = time.perf_counter() - t
+    report["route"] = s.route
+    report["flops_dense_P"] = s.flops() / UNIT
+
+    rows = parse_rows(o.rows, o.ablations)
+    dense = None
+    for i, row in enumerate(rows):
+        if row.ablation and o.profile and "profile" not in report:
+            report["profile"] = K.profile_sparse_step(s, o.out_json)
+            save(report, o.out_json)
+        repeats = o.ablation_repeats if row.ablation else o.repeats
+        elapsed = time.perf_counter() - t0
+        estimate = estimate_row_s(s, row, dense, o.warmup + repeats)
+        if i and elapsed + estimate > o.max_seconds:
+            result = {"name": row.name, "ablation": row.ablation, "magcache": row.magcache,
+                      "status": f"skipped: time budget ({elapsed:.0f} s + ~{estimate:.0f} s > {o.max_seconds:.0f} s)"}
+        else:
+            print(f"row {row.name} ...", flush=True)
+            result = measure_row(s, row, o.warmup, repeats, dense)
+        if row.name == "Dense" and result["status"] == "ok":
+            dense = result
+        print("  " + _row_line(result), flush=True)
+        report["rows"].append(result)
+        save(report, o.out_json)
+    if o.profile and "profile" not in report:
+        report["profile"] = K.profile_sparse_step(s, o.out_json)
+    if o.vae:
+        report["vae"] = K.time_vae_decode(s, dense["latents"] if dense else s.noise)
+    report["elapsed_s"] = time.perf_counter() - t0
+    for r in report["rows"]:
+        r.pop("latents", None)
+    save(report, o.out_json)
+    return report
+
+
+def _row_line(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"{r['name']}: {r['status']}"
+    extra = f", speedup {r['speedup']:.2f}x, rel L2 {r['rel_l2']:.4f}" if "speedup" in r else ""
+    return f"{r['name']}: {r['latency_s']:.3f} s, {r['flops_P']:.3f} PFLOP, {r['tflops']:.0f} TFLOP/s{extra}"

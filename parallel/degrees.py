@@ -1,0 +1,52 @@
+"""How one video is spread over the processes: CFG branches x ring x Ulysses, checked before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AXES = ("cfg", "ring", "ulysses")  # mesh axis names, outermost first: Ulysses ranks are neighbours (fast links)
+
+
+@dataclass(frozen=True)
+class Degrees:
+    """cfg: 2 runs the cond and uncond branches on two rank groups at once (1 = serial CFG).
+    ring, ulysses: sequence-parallel degrees inside one CFG group (diffusers ring / Ulysses attention).
+    """
+
+    cfg: int = 1
+    ulysses: int = 1
+    ring: int = 1
+
+    def __post_init__(self):
+        for name in AXES:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"parallel degree {name} must be an integer >= 1, got {v!r}")
+        if self.cfg > 2:
+            raise ValueError(f"cfg degree must be 1 or 2 (there are two CFG branches), got {self.cfg}")
+
+    @property
+    def sp(self) -> int:
+        """Sequence-parallel degree: ranks sharing the tokens of one video."""
+        return self.ring * self.ulysses
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.sp
+
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(getattr(self, name) for name in AXES)
+
+    def validate(self, world_size: int, num_heads: int | None = None) -> "Degrees":
+        """Raise ValueError (one line) if these degrees cannot run on `world_size` processes or this model."""
+        if self.world_size != world_size:
+            raise ValueError(
+                f"parallel degrees cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} = {self.world_size} "
+                f"must equal the number of processes ({world_size})"
+            )
+        if num_heads is not None and num_heads % self.ulysses != 0:
+            raise ValueError(
+                f"ulysses degree {self.ulysses} must divide the model's {num_heads} attention heads "
+                f"(Ulysses gives each rank whole heads); use a divisor of {num_heads} or ring attention"
+            )
+        return self
