@@ -55,6 +55,10 @@ class ModelSpec:
     vae: dict = field(default_factory=dict)  # AutoencoderKLWan config
     vae_s: int = 8  # VAE spatial compression
     text_len: int = 512
+    sizes: dict = field(default_factory=dict)  # (height, width) per resolution where the model differs from Wan's
+
+    def size(self, resolution: str) -> tuple[int, int]:
+        return self.sizes.get(resolution, RESOLUTIONS[resolution])
 
     @property
     def dims(self) -> DiTDims:
@@ -71,7 +75,8 @@ MODELS = {
                                                  ffn_dim=13824, num_layers=40), experts=2, boundary_ratio=0.875),
     "wan2.2-ti2v-5b": ModelSpec("wan2.2-ti2v-5b", dict(_WAN, num_attention_heads=24, in_channels=48, out_channels=48,
                                                        ffn_dim=14336, num_layers=30),
-                                expand_timesteps=True, vae=_VAE_2_2, vae_s=16),
+                                expand_timesteps=True, vae=_VAE_2_2, vae_s=16,
+                                sizes={"720p": (704, 1280)}),  # 16x VAE + 2x2 patch: sides divisible by 32
     "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", dict(_WAN, num_attention_heads=12, in_channels=16, out_channels=16,
                                                  ffn_dim=8960, num_layers=30)),
 }
@@ -343,7 +348,6 @@ def attach(s: Setup, fis: FISConfig | None, magcache: bool) -> FISState | None:
 
 def detach(s: Setup) -> None:
     """Reverse order of attach: diffusers re-links a removed hook's successor, so the outer hook goes first."""
-    from .adapters import adapter_for  # noqa: F401  (remove_fis needs the model registered with an adapter)
     from diffusers.hooks import HookRegistry
 
     for m in s.experts:
@@ -406,9 +410,9 @@ def measure_row(s: Setup, row: Row, warmup: int, repeats: int, dense: dict | Non
         out["latent_rms"] = latents.float().pow(2).mean().sqrt().item()
         if not out["finite"]:
             out["status"] = "non-finite output"
-        if dense is None:
+        if row.name == "Dense":
             out["latents"] = latents  # the reference of every later row; dropped before JSON
-        else:
+        elif dense is not None:
             out["speedup"] = dense["latency_s"] / out["latency_s"]
             out.update(fidelity(latents, dense["latents"]))
             if out["peak_gib"] is not None:
@@ -487,7 +491,7 @@ def run(o: Options) -> dict:
     t0 = time.perf_counter()
     spec = MODELS[o.model].tiny() if o.tiny else MODELS[o.model]
     device = torch.device("cpu" if o.tiny else "cuda")
-    frames, height, width = TINY_VIDEO if o.tiny else (o.frames, *RESOLUTIONS[o.resolution])
+    frames, height, width = TINY_VIDEO if o.tiny else (o.frames, *spec.size(o.resolution))
     report = {**environment(device, o.command), "model": spec.name, "resolution": "tiny" if o.tiny else o.resolution,
               "frames": frames, "height": height, "width": width, "steps": o.steps, "seed": o.seed,
               "warmup": o.warmup, "repeats": o.repeats, "ablation_repeats": o.ablation_repeats, "compile": o.compile,

@@ -1,0 +1,287 @@
+"""Kernel-level measurements for the benchmark: attention backends and torch.compile on one real-size block,
+the profile of one sparse step (FIS glue share, host syncs), and VAE decode time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from fis.flops import block_flops
+
+from .bench import (Setup, _failure, _peak_gib, _reset_memory, attach, build_block, default_dtype, detach,
+                    set_backend, transformer_call)
+from .presets import load_fis, model_family
+from .request import RESOLUTIONS
+
+# diffusers backends worth timing on an H100; the ones whose package is missing fail fast and say so.
+# _native_math is left out: it materialises the N x N scores (86 GB at 480p).
+CANDIDATES = ("_native_cudnn", "_native_flash", "native", "_native_efficient", "flash", "_flash_3", "sage")
+GLUE = "fis_glue"
+
+
+def time_fn(fn, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
+    """Median seconds of fn() over `reps` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    cuda = device.type == "cuda"
+    times = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def sweep_grids(spec, frames: int, tiny: bool, resolution: str) -> list[dict]:
+    """Token grids to time a block on: the run's resolution first, then the other one; with the anchor counts
+    the balanced preset produces there (s=3 on 21 latent frames: 8 and 9)."""
+    from .bench import TINY_VIDEO
+
+    sizes = [("tiny", TINY_VIDEO[1:])] if tiny else [(r, spec.size(r)) for r in
+                                                     sorted(RESOLUTIONS, key=lambda r: r != resolution)]
+    fis = load_fis("balanced", model_family(spec.transformer))
+    out = []
+    for label, (h, w) in sizes:
+        f, _ = spec.dims.latent_grid(TINY_VIDEO[0] if tiny else frames, h, w)
+        plan = fis.resolve(spec.transformer["num_layers"], f, 4)
+        anchors = sorted({c for c in plan.anchor_counts(0) if c is not None})
+        p = spec.transformer["patch_size"]
+        out.append(dict(resolution=label, frames=f, h=h // spec.vae_s // p[1], w=w // spec.vae_s // p[2],
+                        anchors=anchors))
+    return out
+
+
+def block_inputs(spec, frames: int, h: int, w: int, device: torch.device) -> tuple:
+    """(hidden, context, temb, rope) of one block call on `frames` latent frames of an h x w token grid."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    c = spec.transformer
+    dim, n = c["num_attention_heads"] * c["attention_head_dim"], frames * h * w
+    with torch.device(device):
+        rope = WanRotaryPosEmbed(c["attention_head_dim"], c["patch_size"], c["rope_max_seq_len"])
+        p_t, p_h, p_w = c["patch_size"]
+        cos_sin = rope(torch.empty(1, 1, frames * p_t, h * p_h, w * p_w, device="meta"))  # 2 x [1, N, 1, D] fp32
+        with default_dtype(torch.bfloat16):
+            hidden = torch.randn(1, n, dim)  # [B, N, C]
+            context = torch.randn(1, spec.text_len, dim)  # [B, L, C], after the text projection
+            temb = torch.randn(1, n, 6, dim) if spec.expand_timesteps else torch.randn(1, 6, dim)
+    return hidden, context, temb, cos_sin
+
+
+def attention_sweep(spec, device: torch.device, grids: list[dict], compile_mode: str = "off",
+                    dense_only: bool = False) -> dict:
+    """Every backend on one block (dense and on the smallest anchor count), plus attention alone; then the block
+    under torch.compile with the fastest backend at the first grid's dense and every anchor token count."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    c = spec.transformer
+    heads, hd = c["num_attention_heads"], c["attention_head_dim"]
+    block = build_block(c, device)
+    entries = []
+    for g in grids:
+        for frames in [g["frames"]] if dense_only else [g["frames"], g["anchors"][0]]:
+            inputs = block_inputs(spec, frames, g["h"], g["w"], device)
+            n = inputs[0].shape[1]
+            for backend in CANDIDATES:
+                e = dict(resolution=g["resolution"], frames=frames, tokens=n, backend=backend, status="ok")
+                try:
+                    set_backend(block, backend)
+                    sec = time_fn(lambda: block(*inputs), device)
+                    e.update(block_ms=sec * 1e3, block_tflops=block_flops(spec.dims, n) / sec / 1e12)
+                    if not dense_only:
+                        q, k, v = (torch.randn(1, n, heads, hd, device=device, dtype=torch.bfloat16) for _ in "qkv")
+                        name = AttentionBackendName(backend)
+                        sec = time_fn(lambda: dispatch_attention_fn(q, k, v, backend=name), device)
+                        e.update(attn_ms=sec * 1e3, attn_tflops=4 * n * n * heads * hd / sec / 1e12)
+                        del q, k, v
+                except Exception as err:
+                    e["status"] = _short(err)
+                entries.append(e)
+            del inputs
+            _reset_memory(device)
+    out = {"entries": entries, "grids": grids}
+    if compile_mode != "off":
+        out["compile"] = _compile_sweep(spec, block, device, grids[0], best_backend(entries, grids[0]), compile_mode)
+    del block
+    _reset_memory(device)
+    return out
+
+
+def _compile_sweep(spec, block, device, grid: dict, backend: str | None, mode: str) -> dict:
+    """Compile time and steady speed of the compiled block at each token count FIS produces at this grid."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    res = {"backend": backend, "mode": mode, "resolution": grid["resolution"], "shapes": []}
+    try:
+        set_backend(block, backend)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        compiled = torch.compile(block.forward, dynamic=None if mode == "auto" else False)
+        for frames in [grid["frames"], *grid["anchors"]]:
+            inputs = block_inputs(spec, frames, grid["h"], grid["w"], device)
+            graphs = counters["stats"]["unique_graphs"]
+            t = time.perf_counter()
+            compiled(*inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first = time.perf_counter() - t
+            steady = time_fn(lambda: compiled(*inputs), device)
+            eager = time_fn(lambda: block(*inputs), device)
+            res["shapes"].append(dict(frames=frames, tokens=inputs[0].shape[1], first_call_s=first,
+                                      compile_s=first - steady, new_graphs=counters["stats"]["unique_graphs"] - graphs,
+                                      compiled_ms=steady * 1e3, eager_ms=eager * 1e3, speedup=eager / steady))
+            del inputs
+    except Exception as err:
+        res["status"] = _short(err)
+    return res
+
+
+def best_backend(entries: list[dict], grid: dict) -> str | None:
+    """Fastest backend on the dense block at this grid."""
+    ok = [e for e in entries if e["status"] == "ok" and e["resolution"] == grid["resolution"]
+          and e["frames"] == grid["frames"]]
+    return min(ok, key=lambda e: e["block_ms"])["backend"] if ok else None
+
+
+def choose_backend(requested: str, sweep: dict | None, spec, device, grids: list[dict]) -> tuple[str, str]:
+    """'auto': the fastest dense block at the run's resolution, from the sweep or a quick eager one."""
+    if requested != "auto":
+        return requested, "--attention-backend"
+    sweep = sweep or attention_sweep(spec, device, grids[:1], dense_only=True)
+    best = best_backend(sweep["entries"], grids[0])
+    if best is None:
+        return "native", "auto: no backend ran in the sweep, torch SDPA"
+    times = {e["backend"]: e["block_ms"] for e in sweep["entries"] if e["status"] == "ok"
+             and e["resolution"] == grids[0]["resolution"] and e["frames"] == grids[0]["frames"]}
+    return best, "auto: fastest dense block at {} ({})".format(
+        grids[0]["resolution"], ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(times.items(), key=lambda x: x[1])))
+
+
+@contextlib.contextmanager
+def glue_annotations():
+    """Tag FIS's frame selection and reconstruction for the profiler (fis_hooks looks them up at call time)."""
+    from . import fis_hooks
+
+    originals = fis_hooks.select_frames, fis_hooks.reconstruct
+
+    def tag(fn):
+        def tagged(*args, **kwargs):
+            with torch.profiler.record_function(GLUE):
+                return fn(*args, **kwargs)
+        return tagged
+
+    fis_hooks.select_frames, fis_hooks.reconstruct = (tag(f) for f in originals)
+    try:
+        yield
+    finally:
+        fis_hooks.select_frames, fis_hooks.reconstruct = originals
+
+
+def count_host_syncs(fn) -> tuple[int, list[str]]:
+    """Host<->device synchronisations torch reports while fn() runs (CUDA sync debug mode)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    msgs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return len(msgs), msgs[:3]
+
+
+def profile_sparse_step(s: Setup, out_json: str | None) -> dict:
+    """torch.profiler over one sparse FIS-Balanced step (step 0): top kernels, FIS glue as % of the step's device
+    time (target <= 3 %), host syncs inside the step (target 0), and the same step dense for reference."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    res = {"row": "FIS-Balanced", "step": 0}
+    cuda = s.device.type == "cuda"
+    try:
+        state = attach(s, load_fis("balanced", s.family).replace(name="FIS-Balanced"), False)
+        s.scheduler.set_timesteps(s.steps, device=s.device)
+        t, model = s.scheduler.timesteps[0], s.experts[s.route[0]]
+        state.begin(s.steps)
+        state.step = 0
+
+        def step():
+            transformer_call(s, model, s.noise, t)
+
+        res["sparse_step_s"] = time_fn(step, s.device, warmup=1, reps=3)
+        if cuda:
+            res["host_syncs"], res["sync_messages"] = count_host_syncs(step)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with glue_annotations(), profile(activities=activities) as prof:
+            with torch.profiler.record_function("bench_step"):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        cpu_events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+        if cuda:  # device time: every kernel once, at the op that launched it
+            total = sum(e.self_device_time_total for e in cpu_events)
+            glue = sum(e.device_time_total for e in cpu_events if e.name == GLUE)
+        else:
+            total = sum(e.cpu_time_total for e in cpu_events if e.name == "bench_step")
+            glue = sum(e.cpu_time_total for e in cpu_events if e.name == GLUE)
+        res.update(glue_pct=100 * glue / total if total else None, glue_ms=glue / 1e3, profiled_ms=total / 1e3,
+                   time_basis="device" if cuda else "host")
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        avgs = sorted(prof.key_averages(), key=lambda a: getattr(a, key), reverse=True)
+        res["top"] = [dict(name=a.key[:90], calls=a.count, self_ms=getattr(a, key) / 1e3,
+                           pct=100 * getattr(a, key) / total if total else None) for a in avgs[:25]]
+        if out_json:
+            Path(out_json).with_suffix(".profile.txt").write_text(
+                prof.key_averages().table(sort_by=key, row_limit=40))
+        state.begin(s.steps, None)  # same hooks, FIS off: the dense step for comparison
+        res["dense_step_s"] = time_fn(step, s.device, warmup=1, reps=3)
+        res["status"] = "ok"
+    except Exception as err:
+        res["status"] = _failure(err)
+    finally:
+        detach(s)
+        _reset_memory(s.device)
+    return res
+
+
+def time_vae_decode(s: Setup, latents: torch.Tensor) -> dict:
+    """Random-weight AutoencoderKLWan of the model's real config, fp32 like the Wan pipelines load it."""
+    from diffusers import AutoencoderKLWan
+
+    res = {"dtype": "fp32"}
+    vae = None
+    try:
+        _reset_memory(s.device)
+        with torch.device(s.device):
+            vae = AutoencoderKLWan(**s.spec.vae).eval().requires_grad_(False)
+        z = latents.float()  # [1, C, F, H, W]
+        with torch.no_grad():
+            res["decode_s"] = time_fn(lambda: vae.decode(z, return_dict=False), s.device, warmup=1, reps=1)
+        res.update(status="ok", peak_gib=_peak_gib(s.device))
+    except Exception as err:
+        res["status"] = _failure(err)
+    finally:
+        del vae
+        _reset_memory(s.device)
+    return res
+
+
+def _short(err: BaseException) -> str:
+    if isinstance(err, torch.OutOfMemoryError):
+        return "OOM"
+    msg = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {msg[0] if msg else ''}"[:160]

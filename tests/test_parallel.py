@@ -1,0 +1,151 @@
+"""parallel/: degrees and layouts in-process; sequence and CFG parallelism in 2 and 4 spawned gloo processes.
+
+The multi-process scenarios live in tests/parallel_worker.py; one spawn per world size runs them all (process
+start-up dominates on CPU) and the tests below read their results.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import parallel_worker
+from parallel import Degrees, ParallelContext, TokenLayout, init_parallel, parallelize_pipeline
+
+TOL = 1e-5  # float32; Ulysses changes only the order of the attention sums (spatial) or nothing (frame)
+
+WORLD_SCENARIOS = {
+    2: ["attention_slices", "transformer_sp", "pipeline_sp", "pipeline_sp_a14b", "cfg_parallel", "ring_on_cpu"],
+    4: ["attention_slices", "transformer_sp_4heads", "cfg_parallel", "bad_heads"],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """results(world, scenario) -> its metrics; the first call for a world size spawns it and runs them all."""
+    cache: dict[int, dict] = {}
+
+    def get(world: int, name: str) -> dict:
+        if world not in cache:
+            path = tmp_path_factory.mktemp("parallel") / f"world{world}.json"
+            mp.spawn(parallel_worker.main, args=(world, _free_port(), str(path), WORLD_SCENARIOS[world]), nprocs=world)
+            cache[world] = json.loads(path.read_text())
+        r = cache[world][name]
+        assert "error" not in r, r.get("error")
+        return r
+
+    return get
+
+
+def _assert_close(r: dict, prefix: str = "") -> None:
+    checked = {k: v for k, v in r.items() if k.startswith(prefix) and not k.startswith("fis_effect")}
+    assert checked, f"no metrics starting with {prefix!r}"
+    bad = {k: v for k, v in checked.items() if not v <= TOL}
+    assert not bad, f"parallel != single process: {bad}"
+
+
+# ---- in-process ------------------------------------------------------------------------------------------
+def test_degrees_validation_messages():
+    assert Degrees(cfg=2, ulysses=2).validate(4, num_heads=40).world_size == 4
+    with pytest.raises(ValueError, match=r"cfg=1 x ring=1 x ulysses=2 = 2 must equal the number of processes \(4\)"):
+        Degrees(ulysses=2).validate(4)
+    with pytest.raises(ValueError, match="ulysses degree 4 must divide the model's 2 attention heads"):
+        Degrees(ulysses=4).validate(4, num_heads=2)
+    with pytest.raises(ValueError, match="cfg degree must be 1 or 2"):
+        Degrees(cfg=3)
+    with pytest.raises(ValueError, match="ulysses must be an integer >= 1"):
+        Degrees(ulysses=0)
+
+
+def test_init_parallel_rejects_before_starting(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="must equal the number of processes"):
+        init_parallel(Degrees(ulysses=2))
+    assert not dist.is_initialized()
+
+
+def test_single_process_short_circuits():
+    from engine.tiny import build_pipeline
+
+    ctx = init_parallel(Degrees())
+    assert isinstance(ctx, ParallelContext) and not ctx.is_distributed and ctx.is_main
+    assert ctx.group("cfg") is None and ctx.sp_group is None and ctx.axis_rank("ulysses") == 0 and ctx.sp_rank == 0
+    with pytest.raises(ValueError, match="unknown mesh axis"):
+        ctx.group("tp")
+    pipe = build_pipeline("t2v")
+    handle = parallelize_pipeline(pipe, ctx)
+    assert not hasattr(pipe.transformer, "_diffusers_hook")
+    handle.remove()
+    with pytest.raises(ValueError, match="shard must be one of spatial, frame"):
+        parallelize_pipeline(pipe, ctx, shard="rows")
+
+
+@pytest.mark.parametrize("mode", ["spatial", "frame"])
+@pytest.mark.parametrize("frames,hw,parts", [(5, 16, 2), (5, 9, 4), (3, 2, 4), (7, 12, 4)])
+def test_layout_roundtrip(mode, frames, hw, parts):
+    x = torch.arange(2 * frames * hw * 3, dtype=torch.float32).view(2, frames * hw, 3)  # [B, N, C]
+    layouts = [TokenLayout(mode, frames, hw, parts, r) for r in range(parts)]
+    pieces = [lay.local(x, 1) for lay in layouts]
+    assert [p.shape[1] for p in pieces] == list(layouts[0].sizes)
+    assert sum(layouts[0].sizes) == frames * hw
+    assert torch.equal(layouts[0].assemble(pieces, 1), x)
+    if mode == "spatial":  # every rank holds every frame, frame-major: the FIS hook's HW = N // F holds
+        for lay, p in zip(layouts, pieces):
+            lo, hi = lay.bounds[lay.rank]
+            assert torch.equal(p.view(2, frames, hi - lo, 3), x.view(2, frames, hw, 3)[:, :, lo:hi])
+
+
+# ---- 2 and 4 processes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [2, 4])
+def test_attention_slice_equals_full_attention_slice(results, world):
+    _assert_close(results(world, "attention_slices"))
+
+
+def test_transformer_sp_equals_single_process_2(results):
+    r = results(2, "transformer_sp")
+    _assert_close(r, "spatial_")
+    _assert_close(r, "frame_")
+    _assert_close(r, "removed_")
+    assert min(v for k, v in r.items() if k.startswith("fis_effect")) > 1e-3  # the FIS cases were sparse
+
+
+def test_transformer_sp_equals_single_process_4(results):
+    r = results(4, "transformer_sp_4heads")
+    _assert_close(r, "spatial_")
+    _assert_close(r, "frame_")
+    _assert_close(r, "removed_")
+    assert min(v for k, v in r.items() if k.startswith("fis_effect")) > 1e-3
+
+
+def test_pipeline_ti2v_sp_equals_single_process(results):
+    _assert_close(results(2, "pipeline_sp"))
+
+
+def test_pipeline_a14b_sp_equals_single_process(results):
+    _assert_close(results(2, "pipeline_sp_a14b"))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_cfg_parallel_equals_serial_cfg(results, world):
+    _assert_close(results(world, "cfg_parallel"))
+
+
+def test_heads_not_divisible_by_ulysses_fails_before_work(results):
+    r = results(4, "bad_heads")
+    assert "ulysses degree 4 must divide the model's 2 attention heads" in r["message"]
+    assert r["hooked"] == 0.0
+
+
+def test_ring_needs_cuda(results):
+    assert "needs CUDA attention kernels" in results(2, "ring_on_cpu")["message"]
