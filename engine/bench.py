@@ -82,6 +82,11 @@ MODELS = {
 }
 
 
+def model_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on the GPU (the benchmark); fp32 for the CPU smoke run, where bf16 matmuls are emulated and slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()
@@ -93,7 +98,7 @@ def default_dtype(dtype: torch.dtype):
 
 
 def build_transformer(config: dict, device: torch.device, seed: int):
-    """Random-weight WanTransformer3DModel, materialised directly on `device` in bf16 (14B never exists in fp32).
+    """Random-weight WanTransformer3DModel, materialised directly on the GPU in bf16 (14B never exists in fp32).
 
     Like `from_pretrained(torch_dtype=bf16)`, the `_keep_in_fp32_modules` (norms, modulation table, time embedder)
     are fp32, so the elementwise work is the real one. diffusers' default init keeps the residual stream bounded
@@ -102,7 +107,7 @@ def build_transformer(config: dict, device: torch.device, seed: int):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    with torch.device(device), default_dtype(torch.bfloat16):
+    with torch.device(device), default_dtype(model_dtype(device)):
         model = WanTransformer3DModel(**config)
     keep = model._keep_in_fp32_modules
     for name, p in model.named_parameters():
@@ -117,7 +122,7 @@ def build_block(config: dict, device: torch.device, seed: int = 0):
 
     torch.manual_seed(seed)
     dim = config["num_attention_heads"] * config["attention_head_dim"]
-    with torch.device(device), default_dtype(torch.bfloat16):
+    with torch.device(device), default_dtype(model_dtype(device)):
         block = WanTransformerBlock(dim, config["ffn_dim"], config["num_attention_heads"], config["qk_norm"],
                                     config["cross_attn_norm"], config["eps"])
     for name, p in block.named_parameters():
@@ -259,7 +264,7 @@ def build_setup(spec: ModelSpec, device, frames: int, height: int, width: int, s
     c = spec.transformer["in_channels"]
     g = torch.Generator().manual_seed(seed)  # CPU generator: the same noise on any device
     noise = torch.randn(1, c, f, height // spec.vae_s, width // spec.vae_s, generator=g).to(device)
-    prompt = torch.randn(1, spec.text_len, spec.transformer["text_dim"], generator=g).to(device, torch.bfloat16)
+    prompt = torch.randn(1, spec.text_len, spec.transformer["text_dim"], generator=g).to(device, model_dtype(device))
     return Setup(spec, device, frames, height, width, steps, experts, noise, prompt, scheduler, route)
 
 
@@ -293,7 +298,7 @@ def transformer_call(s: Setup, model, latents: torch.Tensor, t: torch.Tensor) ->
     else:
         timestep = t.expand(1)  # [B]
     with model.cache_context("cond"):
-        pred = model(hidden_states=latents.to(torch.bfloat16), timestep=timestep, encoder_hidden_states=s.prompt,
+        pred = model(hidden_states=latents.to(s.prompt.dtype), timestep=timestep, encoder_hidden_states=s.prompt,
                      return_dict=False)[0]
         return pred, magcache_skipped(model)
 

@@ -15,7 +15,7 @@ import torch
 from fis.flops import block_flops
 
 from .bench import (Setup, _failure, _peak_gib, _reset_memory, attach, build_block, default_dtype, detach,
-                    set_backend, transformer_call)
+                    model_dtype, set_backend, transformer_call)
 from .presets import load_fis, model_family
 from .request import RESOLUTIONS
 
@@ -75,7 +75,7 @@ def block_inputs(spec, frames: int, h: int, w: int, device: torch.device) -> tup
         rope = WanRotaryPosEmbed(c["attention_head_dim"], c["patch_size"], c["rope_max_seq_len"])
         p_t, p_h, p_w = c["patch_size"]
         cos_sin = rope(torch.empty(1, 1, frames * p_t, h * p_h, w * p_w, device="meta"))  # 2 x [1, N, 1, D] fp32
-        with default_dtype(torch.bfloat16):
+        with default_dtype(model_dtype(device)):
             hidden = torch.randn(1, n, dim)  # [B, N, C]
             context = torch.randn(1, spec.text_len, dim)  # [B, L, C], after the text projection
             temb = torch.randn(1, n, 6, dim) if spec.expand_timesteps else torch.randn(1, 6, dim)
@@ -103,7 +103,8 @@ def attention_sweep(spec, device: torch.device, grids: list[dict], compile_mode:
                     sec = time_fn(lambda: block(*inputs), device)
                     e.update(block_ms=sec * 1e3, block_tflops=block_flops(spec.dims, n) / sec / 1e12)
                     if not dense_only:
-                        q, k, v = (torch.randn(1, n, heads, hd, device=device, dtype=torch.bfloat16) for _ in "qkv")
+                        q, k, v = (torch.randn(1, n, heads, hd, device=device, dtype=model_dtype(device))
+                                   for _ in "qkv")
                         name = AttentionBackendName(backend)
                         sec = time_fn(lambda: dispatch_attention_fn(q, k, v, backend=name), device)
                         e.update(attn_ms=sec * 1e3, attn_tflops=4 * n * n * heads * hd / sec / 1e12)

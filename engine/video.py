@@ -31,15 +31,27 @@ def to_uint8(frames) -> np.ndarray:
 
 
 def write_mp4(frames, path: str | Path, fps: int = 16) -> Path:
-    import imageio.v2 as imageio
-
+    """H.264 through imageio-ffmpeg; OpenCV's mp4v where imageio-ffmpeg is not installed (GPU images)."""
     path = Path(path)
+    frames = to_uint8(frames)  # [F, H, W, 3]
     tmp = _atomic(path, ".mp4")
     try:
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                                ffmpeg_log_level="error") as w:
-            for f in to_uint8(frames):
-                w.append_data(f)
+        try:
+            import imageio.v2 as imageio
+            import imageio_ffmpeg  # noqa: F401
+
+            with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                    ffmpeg_log_level="error") as w:
+                for f in frames:
+                    w.append_data(f)
+        except ImportError:
+            import cv2
+
+            h, w = frames.shape[1:3]
+            vw = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            for f in frames:
+                vw.write(f[:, :, ::-1])  # OpenCV wants BGR
+            vw.release()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
