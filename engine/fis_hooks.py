@@ -93,8 +93,7 @@ class FISBlockHook(ModelHook):
         self.state, self.adapter, self.index = state, adapter, index
 
     def initialize_hook(self, module):
-        names = list(inspect.signature(type(module).forward).parameters)[1:]  # drop self
-        self._pos = {n: i for i, n in enumerate(names)}
+        self.args = BlockArgs(module)
         return module
 
     def new_forward(self, module, *args, **kwargs):
@@ -102,46 +101,63 @@ class FISBlockHook(ModelHook):
         anchors = self.state.anchors(self.index)
         if anchors is None:
             return fwd(*args, **kwargs)
-        hidden = self._get(self.adapter.hidden, args, kwargs)  # [B, F*HW, C]
+        hidden = self.args.get(self.adapter.hidden, args, kwargs)
         t = self.state.tables(anchors, hidden.device)
-        F = t.num_frames
-        args, kwargs = list(args), dict(kwargs)
-        self._set(self.adapter.hidden, select_frames(hidden, t.anchors, F), args, kwargs)
-        for name, rule in self.adapter.per_frame.items():
-            value = self._get(name, args, kwargs)
-            if value is not None:
-                self._set(name, self._slice(name, value, rule, anchors, t), args, kwargs)
-        y = fwd(*args, **kwargs)  # [B, A*HW, C]
-        residual = self.state.config.operator == "residual"
-        return reconstruct(y, t, hidden if residual else None)
+        return sparse_forward(fwd, args, kwargs, self.args, self.adapter, t, self.state.config.operator,
+                              self.state._reused)
 
-    def _slice(self, name: str, value, rule: SliceRule, anchors, t: FrameTables):
-        key = (name, anchors)
-        if rule.reuse and key in self.state._reused:
-            return self.state._reused[key]
 
-        def one(x):
-            if not torch.is_tensor(x) or (rule.ndim is not None and x.ndim != rule.ndim):
-                return x
-            return select_frames(x, t.anchors, t.num_frames, rule.dim)
+class BlockArgs:
+    """Reads and replaces a block's arguments by name, whether passed by position or keyword."""
 
-        out = type(value)(one(v) for v in value) if isinstance(value, (tuple, list)) else one(value)
-        if rule.reuse:
-            self.state._reused[key] = out
-        return out
+    def __init__(self, block):
+        names = list(inspect.signature(type(block).forward).parameters)[1:]  # drop self
+        self._pos = {n: i for i, n in enumerate(names)}
 
-    def _get(self, name, args, kwargs):
+    def get(self, name, args, kwargs):
         if name in kwargs:
             return kwargs[name]
         i = self._pos.get(name)
         return args[i] if i is not None and i < len(args) else None
 
-    def _set(self, name, value, args: list, kwargs: dict):
+    def set(self, name, value, args: list, kwargs: dict):
         i = self._pos.get(name)
         if name in kwargs or i is None or i >= len(args):
             kwargs[name] = value
         else:
             args[i] = value
+
+
+def sparse_forward(fwd, args, kwargs, names: BlockArgs, adapter: FISAdapter, t: FrameTables, operator: str,
+                   reused: dict | None = None):
+    """Run a block on the anchor frames of `t` and rebuild all frames (Eq. 7-10).
+
+    `reused` caches slices of block-invariant arguments (RoPE) for the duration of one forward."""
+    hidden = names.get(adapter.hidden, args, kwargs)  # [B, F*HW, C]
+    args, kwargs = list(args), dict(kwargs)
+    names.set(adapter.hidden, select_frames(hidden, t.anchors, t.num_frames), args, kwargs)
+    for name, rule in adapter.per_frame.items():
+        value = names.get(name, args, kwargs)
+        if value is not None:
+            names.set(name, _slice(name, value, rule, t, reused), args, kwargs)
+    y = fwd(*args, **kwargs)  # [B, A*HW, C]
+    return reconstruct(y, t, hidden if operator == "residual" else None)
+
+
+def _slice(name: str, value, rule: SliceRule, t: FrameTables, reused: dict | None):
+    key = (name, t.anchors.data_ptr())
+    if rule.reuse and reused is not None and key in reused:
+        return reused[key]
+
+    def one(x):
+        if not torch.is_tensor(x) or (rule.ndim is not None and x.ndim != rule.ndim):
+            return x
+        return select_frames(x, t.anchors, t.num_frames, rule.dim)
+
+    out = type(value)(one(v) for v in value) if isinstance(value, (tuple, list)) else one(value)
+    if rule.reuse and reused is not None:
+        reused[key] = out
+    return out
 
 
 def apply_fis(transformer, config: FISConfig | None, state: FISState | None = None) -> FISState:
