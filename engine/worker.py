@@ -14,6 +14,7 @@ import torch
 from fis import UNIT, DiTDims, generation_flops
 
 from . import metrics as M
+from .adapters import ADAPTERS
 from .fis_hooks import FISState, apply_fis
 from .loader import (load_loras, load_pipeline, model_info, pick_device, pick_dtype, set_scheduler,
                      transformers_of)
@@ -47,8 +48,12 @@ class Worker:
         self.pipe = load_pipeline(cfg.model, self.device, dtype)
         load_loras(self.pipe, cfg.lora, cfg.lora_2, cfg.lora_scale)
         set_scheduler(self.pipe, cfg.scheduler, cfg.shift)
-        self.info = model_info(self.pipe)
         self.transformers = transformers_of(self.pipe)
+        supported = ", ".join(sorted(ADAPTERS))
+        if not self.transformers or type(self.transformers[0]).__name__ not in ADAPTERS:
+            found = type(self.transformers[0]).__name__ if self.transformers else "no transformer"
+            raise UserError(f"{type(self.pipe).__name__} ({found}) is not supported; supported models: {supported}")
+        self.info = model_info(self.pipe)
         if cfg.attention_backend:
             for t in self.transformers:
                 t.set_attention_backend(cfg.attention_backend)
@@ -72,9 +77,13 @@ class Worker:
     def validate(self, req: GenerationRequest) -> GenerationRequest:
         return validate(req, self.info)
 
-    def flops(self, req: GenerationRequest, fis=None) -> float:
-        dims = DiTDims.from_wan_config(dict(self.transformers[0].config), vae_s=self.info.vae_s,
+    def dims(self) -> DiTDims:
+        """The architecture as the FLOPs counter sees it."""
+        return DiTDims.from_wan_config(dict(self.transformers[0].config), vae_s=self.info.vae_s,
                                        vae_t=self.info.vae_t, text_len=MAX_SEQUENCE_LENGTH)
+
+    def flops(self, req: GenerationRequest, fis=None) -> float:
+        dims = self.dims()
         plan = None if fis is None else fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames),
                                                     req.steps)
         cfg_passes = 2 if req.guidance > 1.0 else 1
