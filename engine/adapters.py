@@ -8,6 +8,7 @@ listed (text context, per-sample temb) pass through whole.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -17,18 +18,27 @@ class SliceRule:
     reuse: bool = False  # the same tensor for every block of one forward: slice once per anchor set
 
 
+def _patch_tuple(config) -> tuple[int, int, int]:
+    return tuple(config.patch_size)  # Wan: (p_t, p_h, p_w)
+
+
+def _patch_t_and_square(config) -> tuple[int, int, int]:
+    return config.patch_size_t, config.patch_size, config.patch_size  # HunyuanVideo: ints
+
+
 @dataclass(frozen=True)
 class FISAdapter:
     name: str
     blocks_attr: str  # nn.ModuleList of transformer blocks
     hidden: str  # block argument with the video tokens [B, F*HW, C]
     per_frame: dict[str, SliceRule] = field(default_factory=dict)
-    patch_attr: str = "patch_size"  # config entry: (p_t, p_h, p_w)
+    output_index: int | None = None  # the block returns a tuple; this element holds the video tokens
+    patch: Callable = _patch_tuple  # config -> (p_t, p_h, p_w)
     input_arg: str = "hidden_states"  # transformer argument [B, C, F, H, W]
 
     def geometry(self, transformer, latents) -> tuple[int, int]:
         """(latent frames after patching, tokens per frame) from the transformer input."""
-        p_t, p_h, p_w = getattr(transformer.config, self.patch_attr)
+        p_t, p_h, p_w = self.patch(transformer.config)
         _, _, f, h, w = latents.shape
         return f // p_t, (h // p_h) * (w // p_w)
 
@@ -43,7 +53,19 @@ WAN = FISAdapter(
     },
 )
 
-ADAPTERS = {"WanTransformer3DModel": WAN}
+# HunyuanVideo 1.5: dual-stream blocks with joint attention over [video, text]. Only the video stream
+# is sliced; the text stream and its mask ([B, L_text], the processor pads it for the video tokens)
+# pass whole, and the block's updated text stream is used as is.
+HUNYUAN_VIDEO_15 = FISAdapter(
+    name="hunyuanvideo1.5",
+    blocks_attr="transformer_blocks",
+    hidden="hidden_states",
+    per_frame={"freqs_cis": SliceRule(dim=0, reuse=True)},  # (cos, sin), each [N, D]
+    output_index=0,  # returns (hidden_states, encoder_hidden_states)
+    patch=_patch_t_and_square,
+)
+
+ADAPTERS = {"WanTransformer3DModel": WAN, "HunyuanVideo15Transformer3DModel": HUNYUAN_VIDEO_15}
 
 
 def adapter_for(transformer) -> FISAdapter:

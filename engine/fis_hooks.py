@@ -140,8 +140,11 @@ def sparse_forward(fwd, args, kwargs, names: BlockArgs, adapter: FISAdapter, t: 
         value = names.get(name, args, kwargs)
         if value is not None:
             names.set(name, _slice(name, value, rule, t, reused), args, kwargs)
-    y = fwd(*args, **kwargs)  # [B, A*HW, C]
-    return reconstruct(y, t, hidden if operator == "residual" else None)
+    out = fwd(*args, **kwargs)
+    i = adapter.output_index
+    y = out if i is None else out[i]  # [B, A*HW, C]
+    y = reconstruct(y, t, hidden if operator == "residual" else None)
+    return y if i is None else (*out[:i], y, *out[i + 1:])
 
 
 def _slice(name: str, value, rule: SliceRule, t: FrameTables, reused: dict | None):

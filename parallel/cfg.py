@@ -11,13 +11,14 @@ caller passes prompt_embeds / negative_prompt_embeds itself).
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from engine.fis_hooks import BlockArgs
 
 from .context import ParallelContext
 
@@ -59,7 +60,7 @@ class CFGParallelHook(ModelHook):
         self._stash: torch.Tensor | None = None  # uncond prediction computed at the 'cond' call
 
     def initialize_hook(self, module):
-        self._pos = {n: i for i, n in enumerate(list(inspect.signature(type(module).forward).parameters)[1:])}
+        self.args = BlockArgs(module)
         return module
 
     def reset_state(self, module):
@@ -68,7 +69,7 @@ class CFGParallelHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         fwd = self.fn_ref.original_forward
-        name = self.calls._context.name if self.calls._context is not None else None
+        name = self._call_name()
         if name == "uncond" and self._stash is not None:
             sample, self._stash = self._stash, None
             return _wrap(sample, kwargs)
@@ -77,8 +78,8 @@ class CFGParallelHook(ModelHook):
             return fwd(*args, **kwargs)
         if self.branch == 1:
             args, kwargs = list(args), dict(kwargs)
-            positive = self._get(args, kwargs)
-            self._set(negative.to(device=positive.device, dtype=positive.dtype), args, kwargs)
+            positive = self.args.get(self.text_arg, args, kwargs)  # [B, L, C_text]
+            self.args.set(self.text_arg, negative.to(device=positive.device, dtype=positive.dtype), args, kwargs)
         out = fwd(*args, **kwargs)
         sample = out[0] if isinstance(out, tuple) else out.sample  # [B, C, F, H, W], whole on every rank
         both = [torch.empty_like(sample) for _ in range(2)]
@@ -86,14 +87,11 @@ class CFGParallelHook(ModelHook):
         self._stash = both[1]
         return _wrap(both[0], kwargs)
 
-    def _get(self, args, kwargs):
-        return kwargs[self.text_arg] if self.text_arg in kwargs else args[self._pos[self.text_arg]]
-
-    def _set(self, value, args, kwargs):
-        if self.text_arg in kwargs:
-            kwargs[self.text_arg] = value
-        else:
-            args[self._pos[self.text_arg]] = value
+    def _call_name(self) -> str | None:
+        try:
+            return self.calls.context.name
+        except ValueError:  # called outside cache_context (not from a diffusers pipeline loop)
+            return None
 
 
 def _wrap(sample: torch.Tensor, kwargs):

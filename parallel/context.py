@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .degrees import AXES, Degrees
 
-_CONTEXTS: dict[Degrees, "ParallelContext"] = {}  # one mesh per degree layout, built once per process
+_CONTEXTS: dict[Degrees, ParallelContext] = {}  # one mesh per degree layout, built once per process
 
 
 @dataclass
@@ -27,9 +27,9 @@ class ParallelContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    mesh: "dist.device_mesh.DeviceMesh | None" = None  # dims AXES
-    sp_mesh: "dist.device_mesh.DeviceMesh | None" = None  # mesh['ring', 'ulysses']: what diffusers' CP config takes
-    sp_group: "dist.ProcessGroup | None" = None  # ring x ulysses flattened: the ranks holding one video's tokens
+    mesh: dist.device_mesh.DeviceMesh | None = None  # dims AXES
+    sp_mesh: dist.device_mesh.DeviceMesh | None = None  # mesh['ring', 'ulysses']: what diffusers' CP config takes
+    sp_group: dist.ProcessGroup | None = None  # ring x ulysses flattened: the ranks holding one video's tokens
 
     @property
     def is_distributed(self) -> bool:
@@ -52,7 +52,7 @@ class ParallelContext:
             raise ValueError(f"unknown mesh axis {axis!r}; axes: {', '.join(AXES)}")
         return 0 if self.mesh is None else self.mesh.get_local_rank(axis)
 
-    def group(self, axis: str) -> "dist.ProcessGroup | None":
+    def group(self, axis: str) -> dist.ProcessGroup | None:
         """The process group along `axis` that contains this rank, or None when the axis has one rank."""
         if axis not in AXES:
             raise ValueError(f"unknown mesh axis {axis!r}; axes: {', '.join(AXES)}")

@@ -37,7 +37,7 @@ class Degrees:
     def shape(self) -> tuple[int, int, int]:
         return tuple(getattr(self, name) for name in AXES)
 
-    def validate(self, world_size: int, num_heads: int | None = None) -> "Degrees":
+    def validate(self, world_size: int, num_heads: int | None = None) -> Degrees:
         """Raise ValueError (one line) if these degrees cannot run on `world_size` processes or this model."""
         if self.world_size != world_size:
             raise ValueError(

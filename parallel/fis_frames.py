@@ -20,7 +20,7 @@ from .layout import all_gather_varlen
 
 @dataclass(frozen=True)
 class _AnchorView:
-    """One anchor set seen from one rank. `anchors` / `num_frames` are what FISBlockHook._slice reads."""
+    """One anchor set seen from one rank."""
 
     anchors: torch.Tensor  # [A_r] long, this rank's anchors as local frame indices
     num_frames: int  # F_r, frames this rank owns
@@ -29,25 +29,25 @@ class _AnchorView:
 
 
 class FrameShardFISHook(FISBlockHook):
-    def __init__(self, base: FISBlockHook, shard):
+    def __init__(self, base: FISBlockHook, shard, views: dict):
         super().__init__(base.state, base.adapter, base.index)
         self.shard = shard
-        self._views: dict = {}
+        self.views = views  # shared by the blocks of one transformer: (anchors, layout, device) -> _AnchorView
 
     def new_forward(self, module, *args, **kwargs):
         fwd = self.fn_ref.original_forward
         anchors = self.state.anchors(self.index)
         if anchors is None:
             return fwd(*args, **kwargs)
-        hidden = self._get(self.adapter.hidden, args, kwargs)  # [B, F_r*HW, C]
+        hidden = self.args.get(self.adapter.hidden, args, kwargs)  # [B, F_r*HW, C]
         v = self._view(anchors, hidden.device)
         args, kwargs = list(args), dict(kwargs)
         x_a = select_frames(hidden, v.anchors, v.num_frames)  # [B, A_r*HW, C]
-        self._set(self.adapter.hidden, x_a, args, kwargs)
+        self.args.set(self.adapter.hidden, x_a, args, kwargs)
         for name, rule in self.adapter.per_frame.items():
-            value = self._get(name, args, kwargs)
+            value = self.args.get(name, args, kwargs)
             if value is not None:
-                self._set(name, self._slice(name, value, rule, anchors, v), args, kwargs)
+                self.args.set(name, self._select(name, value, rule, v), args, kwargs)
         with self.shard.uneven(len(set(v.sizes)) > 1):  # anchors per rank differ even when frames split evenly
             y = fwd(*args, **kwargs)  # [B, A_r*HW, C]
         residual = self.state.config.operator == "residual"
@@ -62,15 +62,32 @@ class FrameShardFISHook(FISBlockHook):
             out.view(B, v.num_frames, hw, C).index_copy_(1, v.anchors, y_a)  # anchors are the block's own output
         return out
 
+    def _select(self, name: str, value, rule, v: _AnchorView):
+        """This rank's anchor frames of a per-frame argument (RoPE, TI2V temb); block-invariant ones once per
+        forward (FISState clears `_reused` at every transformer forward)."""
+        key = ("frame_shard", name, id(v))
+        if rule.reuse and key in self.state._reused:
+            return self.state._reused[key]
+
+        def one(x):
+            if not torch.is_tensor(x) or (rule.ndim is not None and x.ndim != rule.ndim):
+                return x
+            return select_frames(x, v.anchors, v.num_frames, rule.dim)
+
+        out = type(value)(one(x) for x in value) if isinstance(value, (tuple, list)) else one(value)
+        if rule.reuse:
+            self.state._reused[key] = out
+        return out
+
     def _view(self, anchors: tuple[int, ...], device) -> _AnchorView:
         layout = self.shard.layout
         key = (anchors, layout, str(device))
-        v = self._views.get(key)
+        v = self.views.get(key)
         if v is None:
             lo, hi = layout.bounds[layout.rank]
             t = self.state.tables(anchors, device)  # global tables over all F frames
             counts = [sum(a_lo <= a < a_hi for a in anchors) for a_lo, a_hi in layout.bounds]
             local = torch.tensor([a - lo for a in anchors if lo <= a < hi], dtype=torch.long, device=device)
             tables = FrameTables(t.anchors, t.left[lo:hi], t.right[lo:hi], t.weight[lo:hi], hi - lo)
-            v = self._views[key] = _AnchorView(local, hi - lo, tables, tuple(c * layout.hw for c in counts))
+            v = self.views[key] = _AnchorView(local, hi - lo, tables, tuple(c * layout.hw for c in counts))
         return v

@@ -12,60 +12,63 @@ from .context import ParallelContext
 from .layout import MODES
 from .sequence import attach_sequence_parallel, plan_for
 
+ATTENTIONS = ("diffusers", "xfuser")  # whose sequence-parallel attention: diffusers' CP dispatcher, or xDiT's USP
+
 
 class ParallelHandle:
-    """What parallelize_* attached. `shards` (one per transformer) expose the current token layout."""
+    """What parallelize_* attached; remove() takes it off, last attached first."""
 
     def __init__(self):
-        self.shards = []
         self._undo = []
 
     def remove(self) -> None:
         while self._undo:
             self._undo.pop()()
-        self.shards.clear()
 
 
 def _transformers(pipe):
     return [t for t in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if t is not None]
 
 
-def _check(transformers, ctx: ParallelContext, shard: str) -> None:
+def _check(transformers, ctx: ParallelContext, shard: str, attention: str) -> None:
     if shard not in MODES:
         raise ValueError(f"shard must be one of {', '.join(MODES)}, got {shard!r}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if attention == "xfuser" and ctx.device.type != "cuda":
+        raise ValueError("attention='xfuser' (xDiT USP) runs on CUDA only; use attention='diffusers'")
     for t in transformers:
         ctx.degrees.validate(ctx.world_size, t.config.num_attention_heads)
         if ctx.sp_size > 1:
             plan_for(t)
 
 
-def parallelize_transformer(transformer, ctx: ParallelContext, shard: str = "spatial",
+def parallelize_transformer(transformer, ctx: ParallelContext, shard: str = "spatial", attention: str = "diffusers",
                             attention_backend: str | None = None) -> ParallelHandle:
     """Sequence parallelism on one transformer (no CFG: that needs the pipeline's two calls)."""
-    _check([transformer], ctx, shard)
-    handle = ParallelHandle()
-    if ctx.sp_size > 1:
-        s, undo = attach_sequence_parallel(transformer, ctx, shard, attention_backend)
-        handle.shards.append(s)
-        handle._undo.append(undo)
-    return handle
+    return _parallelize([transformer], None, ctx, shard, attention, attention_backend)
 
 
-def parallelize_pipeline(pipe, ctx: ParallelContext, shard: str = "spatial",
+def parallelize_pipeline(pipe, ctx: ParallelContext, shard: str = "spatial", attention: str = "diffusers",
                          attention_backend: str | None = None) -> ParallelHandle:
     """Sequence parallelism on every transformer of `pipe` (both Wan 2.2 experts) over ctx's ring x ulysses
     ranks, and CFG parallelism over its 'cfg' axis. Every rank gets the whole prediction of every call, so the
-    scheduler keeps identical full latents on all ranks. Errors (degrees, heads, shard) come before any change."""
+    scheduler keeps identical full latents on all ranks. Errors (degrees, heads, shard) come before any change.
+
+    attention: 'diffusers' (default; CPU and GPU) or 'xfuser' (xDiT USP, CUDA only, equal token counts only).
+    attention_backend: a diffusers backend name set on the transformers (ring defaults to '_native_cudnn')."""
     transformers = _transformers(pipe)
     if not transformers:
         raise ValueError(f"{type(pipe).__name__} has no transformer to parallelize")
-    _check(transformers, ctx, shard)
+    return _parallelize(transformers, pipe, ctx, shard, attention, attention_backend)
+
+
+def _parallelize(transformers, pipe, ctx, shard, attention, attention_backend) -> ParallelHandle:
+    _check(transformers, ctx, shard, attention)
     handle = ParallelHandle()
     if ctx.sp_size > 1:
         for t in transformers:
-            s, undo = attach_sequence_parallel(t, ctx, shard, attention_backend)
-            handle.shards.append(s)
-            handle._undo.append(undo)
-    if ctx.degrees.cfg == 2:
+            handle._undo.append(attach_sequence_parallel(t, ctx, shard, attention, attention_backend))
+    if ctx.degrees.cfg == 2 and pipe is not None:
         handle._undo.append(attach_cfg_parallel(pipe, transformers, ctx))
     return handle

@@ -12,7 +12,6 @@ replicated text context (Wan's processor passes no parallel config there), as in
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,9 +22,10 @@ from diffusers.models._modeling_parallel import ParallelConfig
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
 from engine.adapters import adapter_for
-from engine.fis_hooks import BLOCK_HOOK, FISBlockHook
+from engine.fis_hooks import BLOCK_HOOK, BlockArgs, FISBlockHook
 
 from .context import ParallelContext
+from .fis_frames import FrameShardFISHook
 from .layout import TokenLayout, all_gather_varlen
 
 INPUT_HOOK, EMBED_HOOK, ROPE_HOOK, OUTPUT_HOOK = "sp_input", "sp_embed", "sp_rope", "sp_output"
@@ -53,9 +53,10 @@ def plan_for(transformer) -> SPPlan:
 
 
 class SequenceShard:
-    """Per transformer: the token layout of the current forward and the diffusers CP config it steers."""
+    """Per transformer: the token layout of the current forward and the CP config it steers (diffusers'
+    ContextParallelConfig, or xdit.USPConfig)."""
 
-    def __init__(self, ctx: ParallelContext, mode: str, cp: ContextParallelConfig):
+    def __init__(self, ctx: ParallelContext, mode: str, cp):
         self.ctx, self.mode, self.cp = ctx, mode, cp
         self.layout: TokenLayout | None = None
 
@@ -98,33 +99,20 @@ class _InputHook(ModelHook):
         self.shard, self.plan, self.blocks = shard, plan, blocks
 
     def initialize_hook(self, module):
-        self.adapter = adapter_for(module)
-        self._pos = {n: i for i, n in enumerate(list(inspect.signature(type(module).forward).parameters)[1:])}
+        self.adapter, self.args = adapter_for(module), BlockArgs(module)
         return module
 
     def pre_forward(self, module, *args, **kwargs):
         args = list(args)
-        latents = self._get(self.adapter.input_arg, args, kwargs)  # [B, C, F, H, W], whole on every rank
+        latents = self.args.get(self.adapter.input_arg, args, kwargs)  # [B, C, F, H, W], whole on every rank
         self.shard.begin(*self.adapter.geometry(module, latents))
         if self.shard.mode == "frame" and type(_hook(self.blocks[0], BLOCK_HOOK)) is FISBlockHook:
             raise RuntimeError("frame sharding: call apply_fis before parallelize_pipeline (FIS must see global frames)")
         for name in self.plan.per_token_inputs:
-            value = self._get(name, args, kwargs)
+            value = self.args.get(name, args, kwargs)
             if torch.is_tensor(value) and value.ndim == 2:  # [B, N]; Wan 2.1 passes [B]
-                self._set(name, self.shard.layout.local(value, 1), args, kwargs)
+                self.args.set(name, self.shard.layout.local(value, 1), args, kwargs)
         return tuple(args), kwargs
-
-    def _get(self, name, args, kwargs):
-        if name in kwargs:
-            return kwargs[name]
-        i = self._pos[name]
-        return args[i] if i < len(args) else None
-
-    def _set(self, name, value, args, kwargs):
-        if name in kwargs or self._pos[name] >= len(args):
-            kwargs[name] = value
-        else:
-            args[self._pos[name]] = value
 
 
 class _EmbedHook(ModelHook):
@@ -196,20 +184,25 @@ def _disable_context_parallel(transformer) -> None:
         p._parallel_config = None
 
 
-def attach_sequence_parallel(transformer, ctx: ParallelContext, mode: str, attention_backend: str | None = None):
-    """Shard `transformer`'s tokens over ctx's ring x ulysses ranks. Returns (shard, undo)."""
-    from .fis_frames import FrameShardFISHook
-
+def attach_sequence_parallel(transformer, ctx: ParallelContext, mode: str, attention: str = "diffusers",
+                             attention_backend: str | None = None):
+    """Shard `transformer`'s tokens over ctx's ring x ulysses ranks. Returns the undo function."""
     plan = plan_for(transformer)
     blocks = getattr(transformer, adapter_for(transformer).blocks_attr)
-    cp = _enable_context_parallel(transformer, ctx, attention_backend)
+    backends = [(p, p._attention_backend) for p in _processors(transformer)]
+    if attention == "xfuser":
+        from .xdit import enable_xfuser_usp
+
+        cp = enable_xfuser_usp(ctx, list(_processors(transformer)))
+    else:
+        cp = _enable_context_parallel(transformer, ctx, attention_backend)
     shard = SequenceShard(ctx, mode, cp)
-    swapped = []
+    swapped, views = [], {}
     if mode == "frame":  # FIS must rebuild frames from anchors on other ranks: swap in the gathering variant
         for block in blocks:
             base = _hook(block, BLOCK_HOOK)
             if type(base) is FISBlockHook:
-                _replace_hook(block, BLOCK_HOOK, FrameShardFISHook(base, shard))
+                _replace_hook(block, BLOCK_HOOK, FrameShardFISHook(base, shard, views))
                 swapped.append((block, base))
     placed = [(transformer, _InputHook(shard, plan, blocks), INPUT_HOOK),
               (transformer.get_submodule(plan.embed), _EmbedHook(shard), EMBED_HOOK),
@@ -224,10 +217,12 @@ def attach_sequence_parallel(transformer, ctx: ParallelContext, mode: str, atten
         for block, base in swapped:
             _replace_hook(block, BLOCK_HOOK, base)
         _disable_context_parallel(transformer)
+        for p, backend in backends:
+            p._attention_backend = backend
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
-    return shard, undo
+    return undo
 
 
 def _replace_hook(module, name: str, hook: ModelHook) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 LATENT = {"even": (17, 64), "odd": (17, 48)}  # (num_frames, pixels): 5 latent frames of 4x4 / 3x3 tokens
-PROMPT = dict(prompt="a red ball moving left", negative_prompt="dark blue sky")
+PROMPT = {"prompt": "a red ball moving left", "negative_prompt": "dark blue sky"}
 
 
 def _quiet():
@@ -52,15 +52,15 @@ def _bare_transformer(heads: int):
                                  rope_max_seq_len=64).eval()
 
 
-def _generate(pipe, state=None, guidance=1.0, frames=17, size=64, steps=3):
-    kw = {}
+def _generate(pipe, state=None, guidance=1.0, frames=17, size=64, steps=3, embeds=None):
+    """Latents of a short generation. embeds=(pos, neg): pass encoded prompts, as the engine's Worker does."""
+    kw = PROMPT if embeds is None else {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}
     if state is not None:
         state.begin(steps)
-        kw["callback_on_step_end"] = state.step_callback
+        kw = {**kw, "callback_on_step_end": state.step_callback}
     with torch.no_grad():
-        return pipe(**PROMPT, height=size, width=size, num_frames=frames, num_inference_steps=steps,
-                    guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(0),
-                    **kw).frames
+        return pipe(**kw, height=size, width=size, num_frames=frames, num_inference_steps=steps,
+                    guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
 
 
 # ---- scenarios --------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def transformer_sp(heads=2):
     for shape in ((5, 8, 8), (5, 6, 6), (6, 8, 6)):  # [F, H, W] latents: HW 16 / 9 / 12 tokens
         x = torch.randn(1, 16, *shape)
 
-        def run():
+        def run(x=x):
             with torch.no_grad():
                 return tr(hidden_states=x, timestep=torch.tensor([700]), encoder_hidden_states=text,
                           return_dict=False)[0]
@@ -123,6 +123,16 @@ def transformer_sp(heads=2):
             out[f"removed_{tag}"] = _diff(run(), ref)
             if fis:
                 remove_fis(tr)
+    # frame layout with FIS attached after parallelism: a clear error, not silently wrong frames
+    handle = parallelize_transformer(tr, ctx, shard="frame")
+    apply_fis(tr, _fis()).begin(2)
+    try:
+        run()
+        out["order_guard"] = "no error"
+    except RuntimeError as e:
+        out["order_guard"] = str(e)
+    remove_fis(tr)
+    handle.remove()
     return out
 
 
@@ -143,6 +153,7 @@ def pipeline_sp(variant="ti2v"):
     out = {}
     for size in ("even", "odd"):
         frames, px = LATENT[size]
+        dense = _generate(pipe, None, guidance, frames, px)
         for fis in (False, True):
             state = None
             if fis:
@@ -150,6 +161,8 @@ def pipeline_sp(variant="ti2v"):
                 if variant == "a14b":
                     apply_fis(pipe.transformer_2, None, state)
             ref = _generate(pipe, state, guidance, frames, px)
+            if fis:
+                out[f"fis_effect_{size}"] = _diff(ref, dense)
             for mode in ("spatial", "frame"):
                 handle = parallelize_pipeline(pipe, ctx, shard=mode)
                 out[f"{mode}_{size}_{'fis' if fis else 'dense'}"] = _diff(_generate(pipe, state, guidance, frames, px), ref)
@@ -166,7 +179,8 @@ def pipeline_sp_a14b():
 
 
 def cfg_parallel():
-    """guidance > 1 with a cfg degree 2 (x the rest as ulysses) equals serial CFG on one process."""
+    """guidance > 1 with a cfg degree 2 (x the rest as ulysses) equals serial CFG on one process, and each rank
+    runs the transformer once per step instead of twice."""
     from engine.fis_hooks import apply_fis, remove_fis
     from engine.tiny import build_pipeline
     from parallel import parallelize_pipeline
@@ -175,17 +189,25 @@ def cfg_parallel():
     ctx = _ctx(cfg=2, ulysses=world // 2)
     pipe = build_pipeline("t2v")
     pipe.set_progress_bar_config(disable=True)
+    calls = [0]
+    pipe.transformer.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     out = {}
     for fis in (False, True):
         state = apply_fis(pipe.transformer, _fis(dense_steps=1)) if fis else None
         ref = _generate(pipe, state, guidance=4.0)
         no_cfg = _generate(pipe, state, guidance=1.0)
-        modes = ("spatial", "frame") if ctx.sp_size > 1 else ("spatial",)
-        for mode in modes:
+        # the engine's way: prompts encoded up front and passed in (pipe.encode_prompt still sees them)
+        with torch.no_grad():
+            embeds = pipe.encode_prompt(**PROMPT, max_sequence_length=512, device=ctx.device)
+        ref_embeds = _generate(pipe, state, guidance=4.0, embeds=embeds)
+        for mode in ("spatial", "frame") if ctx.sp_size > 1 else ("spatial",):
             handle = parallelize_pipeline(pipe, ctx, shard=mode)
             tag = f"{mode}_{'fis' if fis else 'dense'}"
+            calls[0] = 0
             out[f"cfg_{tag}"] = _diff(_generate(pipe, state, guidance=4.0), ref)
-            out[f"nocfg_{tag}"] = _diff(_generate(pipe, state, guidance=1.0), no_cfg)  # guidance 1: no branch split
+            out[f"calls_{tag}"] = float(calls[0])  # 3 steps: 3 forwards per rank, not 6
+            out[f"nocfg_{tag}"] = _diff(_generate(pipe, state, guidance=1.0), no_cfg)  # guidance 1: no split
+            out[f"embeds_{tag}"] = _diff(_generate(pipe, state, guidance=4.0, embeds=embeds), ref_embeds)
             handle.remove()
         out[f"removed_{'fis' if fis else 'dense'}"] = _diff(_generate(pipe, state, guidance=4.0), ref)
         if fis:
@@ -238,7 +260,7 @@ def main(rank: int, world: int, port: int, out_path: str, names: list[str]) -> N
                     dist.all_reduce(t, op=dist.ReduceOp.MAX)
                     values[key] = t.item()
             results[name] = values
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure is reported by the test that reads it
             results[name] = {"error": traceback.format_exc()}
     if rank == 0:
         with open(out_path, "w") as f:
