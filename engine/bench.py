@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from fis import UNIT, DiTDims, FISConfig, generation_flops
+from fis import UNIT, DiTDims, FISConfig, FISConfigError, generation_flops
 
-from .fis_hooks import FISState, apply_fis, remove_fis
+from .fis_hooks import MODEL_HOOK, FISState, apply_fis, remove_fis
 from .presets import load_fis, model_family
 from .request import RESOLUTIONS
 
@@ -136,22 +136,29 @@ def set_backend(module, backend: str) -> None:
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
-    _check_attention_backend_requirements(AttentionBackendName(backend))  # missing package -> clear error now
-    if hasattr(module, "set_attention_backend") and not isinstance(module, AttentionModuleMixin):
+    if hasattr(module, "set_attention_backend"):  # a diffusers model
         module.set_attention_backend(backend)
         return
+    _check_attention_backend_requirements(AttentionBackendName(backend))  # a bare block: missing package -> error now
     for m in module.modules():
         if isinstance(m, AttentionModuleMixin):
             m.set_attention_backend(backend)
+
+
+def raise_recompile_limit(limit: int = 64) -> None:
+    """One graph per token count is expected (all blocks of both experts share it); leave room for them all."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), limit))
 
 
 def compile_blocks(models, mode: str) -> None:
     """torch.compile each block's own forward before any hook wraps it: the FIS/MagCache hooks stay eager Python,
     the block maths is fused. `static` compiles once per token count (dense + the 2-3 anchor counts of a stride);
     `auto` lets dynamo mark the token dimension dynamic at the first new count."""
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    raise_recompile_limit()
     for model in models:
         for block in model.blocks:
             block.forward = torch.compile(block.forward, dynamic=None if mode == "auto" else False)
@@ -202,22 +209,19 @@ MAGCACHE_FORCE = dict(threshold=0.5, max_skip_steps=1, retention_ratio=0.0)
 
 
 def parse_rows(spec: str, ablations: bool) -> list[Row]:
-    """'all' = the Table 1 rows; names are comma separated, case-insensitive; --ablations appends Tables 2-3."""
+    """'all' = the Table 1 rows, 'none' = no rows (a sweep-only run); names are comma separated and
+    case-insensitive; --ablations appends Tables 2-3. Always in table order: Dense first, the reference."""
     by_lower = {n.lower(): r for n, r in ROWS.items()}
-    rows = []
+    rows = list(ABLATION_ROWS) if ablations else []
     for name in (s.strip() for s in spec.split(",") if s.strip()):
         if name.lower() == "all":
             rows += MAIN_ROWS
         elif name.lower() in by_lower:
             rows.append(by_lower[name.lower()])
-        else:
-            raise BenchError(f"unknown row {name!r}; valid: all, {', '.join(ROWS)}")
-    if ablations:
-        rows += ABLATION_ROWS
-    if not rows:
-        raise BenchError(f"no rows given; valid: all, {', '.join(ROWS)}")
+        elif name.lower() != "none":
+            raise BenchError(f"unknown row {name!r}; valid: all, none, {', '.join(ROWS)}")
     order = {r.name: i for i, r in enumerate(MAIN_ROWS + ABLATION_ROWS)}
-    return sorted(set(rows), key=lambda r: order[r.name])  # Dense first: every other row is measured against it
+    return sorted(set(rows), key=lambda r: order[r.name])
 
 
 # ---- one benchmark process ------------------------------------------------------------------------------------
@@ -244,6 +248,14 @@ class Setup:
     @property
     def grid(self) -> tuple[int, int]:
         return self.spec.dims.latent_grid(self.frames, self.height, self.width)
+
+    def token_frames(self, fis: FISConfig | None) -> set[int]:
+        """Frame counts a block runs on with this config (dense + anchor counts): one compiled graph each."""
+        f = self.grid[0]
+        if fis is None:
+            return {f}
+        plan = fis.resolve(self.spec.transformer["num_layers"], f, self.steps)
+        return {f} | {c for i in range(self.steps) for c in plan.anchor_counts(i) if c is not None}
 
     def flops(self, fis: FISConfig | None = None, skipped=()) -> float:
         plan = None if fis is None else fis.resolve(self.spec.transformer["num_layers"], self.grid[0], self.steps)
@@ -358,7 +370,7 @@ def detach(s: Setup) -> None:
     for m in s.experts:
         if m.is_cache_enabled:
             m.disable_cache()
-        if HookRegistry.check_if_exists_or_initialize(m).get_hook("fis_model") is not None:
+        if HookRegistry.check_if_exists_or_initialize(m).get_hook(MODEL_HOOK) is not None:
             remove_fis(m)
 
 
@@ -373,8 +385,9 @@ def fidelity(x: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def _reset_memory(device) -> None:
-    gc.collect()
+    """Between rows: drop what a failed row's traceback still holds, then start a fresh peak."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -383,8 +396,13 @@ def _peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def is_oom(e: BaseException) -> bool:
+    """torch's OOM, or a library's allocation failure surfacing as a RuntimeError (cuDNN, cuBLAS workspaces)."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 def _failure(e: BaseException) -> str:
-    if isinstance(e, torch.OutOfMemoryError):
+    if is_oom(e):
         return "OOM"
     traceback.print_exc(file=sys.stderr)
     return f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
@@ -431,14 +449,33 @@ def measure_row(s: Setup, row: Row, warmup: int, repeats: int, dense: dict | Non
     return out
 
 
-def estimate_row_s(s: Setup, row: Row, dense: dict | None, generations: int) -> float:
-    """Rough wall time of a row from the dense row (latency scales with FLOPs, plus a floor for the dense step)."""
-    if dense is None or "latency_s" not in dense:
+COMPILE_SHAPE_S = 45.0  # allowance per new token count under --compile (inductor, one block graph)
+
+
+def estimate_row_s(s: Setup, row: Row, dense: dict | None, generations: int, new_shapes: int = 0) -> float:
+    """Rough wall time of a row from the dense row: latency scales with FLOPs, with a floor for the dense step."""
+    if dense is None:
         return 0.0
     ratio = s.flops(row.fis(s.family)) / s.flops()
     if row.magcache:
         ratio *= 1 - 1 / s.steps
-    return generations * dense["latency_s"] * max(ratio, 0.3) + 5.0
+    return generations * dense["latency_s"] * max(ratio, 0.3) + new_shapes * COMPILE_SHAPE_S + 5.0
+
+
+class Budget:
+    """Wall-clock guard: a stage that would end past `seconds` is skipped and says so."""
+
+    def __init__(self, seconds: float):
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def refuse(self, estimate: float) -> str | None:
+        e = self.elapsed()
+        if e + estimate <= self.seconds:
+            return None
+        return f"skipped: time budget ({e:.0f} s + ~{estimate:.0f} s > {self.seconds:.0f} s)"
 
 
 # ---- the whole run --------------------------------------------------------------------------------------------
@@ -463,7 +500,6 @@ class Options:
     tiny: bool = False
     max_seconds: float = 540.0
     out_json: str | None = None
-    docs: str | None = "docs/benchmarks.md"
     command: str = ""
 
 
@@ -482,36 +518,61 @@ def validate(o: Options) -> None:
         raise BenchError("--repeats and --ablation-repeats must be >= 1, --warmup >= 0")
     if o.steps < 1 or o.frames < 1 or (o.frames - 1) % 4:
         raise BenchError(f"--frames must be 4k+1 (e.g. 81) and --steps >= 1; got {o.frames} frames, {o.steps} steps")
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    backends = [b.value for b in AttentionBackendName]
+    if o.attention_backend != "auto" and o.attention_backend not in backends:
+        raise BenchError(f"unknown attention backend {o.attention_backend!r}; valid: auto, {', '.join(backends)}")
     if not o.tiny and not torch.cuda.is_available():
         raise BenchError("no CUDA device: the real-size benchmark needs a GPU (use --tiny for the CPU smoke run)")
     parse_rows(o.rows, o.ablations)
 
 
+def check_rows(rows: list[Row], spec: ModelSpec, latent_frames: int, steps: int) -> None:
+    """Every row's FIS config must fit this model and request: fail before any GPU time is spent."""
+    for row in rows:
+        try:
+            fis = row.fis(model_family(spec.transformer))
+            if fis is not None:
+                fis.resolve(spec.transformer["num_layers"], latent_frames, steps)
+        except FISConfigError as e:
+            raise BenchError(f"row {row.name}: {e}") from None
+
+
+@torch.no_grad()  # like the pipelines' __call__
 def run(o: Options) -> dict:
     """Sweep -> build -> rows (Dense, FIS, MagCache) -> profile -> ablations -> VAE; JSON saved after each stage."""
     from . import bench_kernels as K
     from .bench_report import environment, save
 
     validate(o)
-    t0 = time.perf_counter()
+    budget = Budget(o.max_seconds)
     spec = MODELS[o.model].tiny() if o.tiny else MODELS[o.model]
     device = torch.device("cpu" if o.tiny else "cuda")
     frames, height, width = TINY_VIDEO if o.tiny else (o.frames, *spec.size(o.resolution))
-    report = {**environment(device, o.command), "model": spec.name, "resolution": "tiny" if o.tiny else o.resolution,
-              "frames": frames, "height": height, "width": width, "steps": o.steps, "seed": o.seed,
-              "warmup": o.warmup, "repeats": o.repeats, "ablation_repeats": o.ablation_repeats, "compile": o.compile,
-              "rows": []}
     f, hw = spec.dims.latent_grid(frames, height, width)
-    report.update(latent_frames=f, tokens=f * hw)
-    sweep_grids = K.sweep_grids(spec, frames, o.tiny, o.resolution)
+    report = {**environment(device, o.command), "model": spec.name, "resolution": "tiny" if o.tiny else o.resolution,
+              "frames": frames, "height": height, "width": width, "latent_frames": f, "tokens": f * hw,
+              "steps": o.steps, "seed": o.seed, "warmup": o.warmup, "repeats": o.repeats,
+              "ablation_repeats": o.ablation_repeats, "compile": o.compile, "max_seconds": o.max_seconds, "rows": []}
+    rows = parse_rows(o.rows, o.ablations)
+    check_rows(rows, spec, f, o.steps)
+    others = [r for r in RESOLUTIONS if r != o.resolution]  # the sweep times the run's resolution first
+    sizes = [("tiny", (height, width))] if o.tiny else [(r, spec.size(r)) for r in [o.resolution, *others]]
+    grids = K.sweep_grids(spec, frames, sizes)
 
-    if o.attention_sweep:
+    if o.attention_sweep:  # first: it decides the backend of everything after it
         print("attention sweep ...", flush=True)
-        report["sweep"] = K.attention_sweep(spec, device, sweep_grids, o.sweep_compile)
+        report["sweep"] = K.attention_sweep(spec, device, grids, o.sweep_compile)
         save(report, o.out_json)
-    backend, why = K.choose_backend(o.attention_backend, report.get("sweep"), spec, device, sweep_grids)
+    backend, why = K.choose_backend(o.attention_backend, report.get("sweep"), spec, device, grids)
     report.update(attention_backend=backend, attention_backend_choice=why)
     print(f"attention backend: {backend} ({why})", flush=True)
+
+    if not (rows or o.profile or o.vae):  # sweep only
+        report["elapsed_s"] = budget.elapsed()
+        save(report, o.out_json)
+        return report
 
     print(f"building {spec.name} ...", flush=True)
     t = time.perf_counter()
@@ -520,39 +581,46 @@ def run(o: Options) -> dict:
         set_backend(m, backend)
     if o.compile != "off":
         compile_blocks(s.experts, o.compile)
-    report["build_s"] = time.perf_counter() - t
-    report["route"] = s.route
-    report["flops_dense_P"] = s.flops() / UNIT
+    report.update(build_s=time.perf_counter() - t, route=s.route, flops_dense_P=s.flops() / UNIT)
 
-    rows = parse_rows(o.rows, o.ablations)
-    dense = None
-    for i, row in enumerate(rows):
+    dense, compiled_frames = None, set()
+    for row in rows:
         if row.ablation and o.profile and "profile" not in report:
-            report["profile"] = K.profile_sparse_step(s, o.out_json)
+            report["profile"] = _profile(s, o, budget, dense)
             save(report, o.out_json)
         repeats = o.ablation_repeats if row.ablation else o.repeats
-        elapsed = time.perf_counter() - t0
-        estimate = estimate_row_s(s, row, dense, o.warmup + repeats)
-        if i and elapsed + estimate > o.max_seconds:
-            result = {"name": row.name, "ablation": row.ablation, "magcache": row.magcache,
-                      "status": f"skipped: time budget ({elapsed:.0f} s + ~{estimate:.0f} s > {o.max_seconds:.0f} s)"}
+        shapes = s.token_frames(row.fis(s.family))
+        new = len(shapes - compiled_frames) if o.compile != "off" else 0
+        refused = dense and budget.refuse(estimate_row_s(s, row, dense, o.warmup + repeats, new))
+        if refused:
+            result = {"name": row.name, "ablation": row.ablation, "magcache": row.magcache, "status": refused}
         else:
             print(f"row {row.name} ...", flush=True)
             result = measure_row(s, row, o.warmup, repeats, dense)
+            compiled_frames |= shapes
         if row.name == "Dense" and result["status"] == "ok":
             dense = result
         print("  " + _row_line(result), flush=True)
         report["rows"].append(result)
         save(report, o.out_json)
     if o.profile and "profile" not in report:
-        report["profile"] = K.profile_sparse_step(s, o.out_json)
+        report["profile"] = _profile(s, o, budget, dense)
     if o.vae:
-        report["vae"] = K.time_vae_decode(s, dense["latents"] if dense else s.noise)
-    report["elapsed_s"] = time.perf_counter() - t0
+        refused = budget.refuse(60.0)  # decode time is unknown before it runs; a minute covers 720p
+        report["vae"] = {"status": refused} if refused else K.time_vae_decode(s, dense["latents"] if dense else s.noise)
+    report["elapsed_s"] = budget.elapsed()
     for r in report["rows"]:
         r.pop("latents", None)
     save(report, o.out_json)
     return report
+
+
+def _profile(s: Setup, o: Options, budget: Budget, dense: dict | None) -> dict:
+    from .bench_kernels import profile_sparse_step
+
+    step_s = dense["latency_s"] / s.steps if dense else 0.0
+    refused = budget.refuse(5 * step_s + 10)  # 5 sparse step calls (each under a dense one), plus the profiler
+    return {"status": refused} if refused else profile_sparse_step(s, o.out_json)
 
 
 def _row_line(r: dict) -> str:

@@ -14,15 +14,15 @@ import torch
 
 from fis.flops import block_flops
 
-from .bench import (Setup, _failure, _peak_gib, _reset_memory, attach, build_block, default_dtype, detach,
-                    model_dtype, set_backend, transformer_call)
+from .bench import (Setup, _failure, _peak_gib, _reset_memory, attach, build_block, default_dtype, detach, is_oom,
+                    model_dtype, raise_recompile_limit, set_backend, transformer_call)
 from .presets import load_fis, model_family
-from .request import RESOLUTIONS
 
 # diffusers backends worth timing on an H100; the ones whose package is missing fail fast and say so.
 # _native_math is left out: it materialises the N x N scores (86 GB at 480p).
 CANDIDATES = ("_native_cudnn", "_native_flash", "native", "_native_efficient", "flash", "_flash_3", "sage")
 GLUE = "fis_glue"
+COMPILE_SWEEP_S = 150.0  # no new shape is compiled in the sweep after this long: the rows matter more
 
 
 def time_fn(fn, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
@@ -46,20 +46,16 @@ def time_fn(fn, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def sweep_grids(spec, frames: int, tiny: bool, resolution: str) -> list[dict]:
-    """Token grids to time a block on: the run's resolution first, then the other one; with the anchor counts
-    the balanced preset produces there (s=3 on 21 latent frames: 8 and 9)."""
-    from .bench import TINY_VIDEO
-
-    sizes = [("tiny", TINY_VIDEO[1:])] if tiny else [(r, spec.size(r)) for r in
-                                                     sorted(RESOLUTIONS, key=lambda r: r != resolution)]
+def sweep_grids(spec, frames: int, sizes: list[tuple[str, tuple[int, int]]]) -> list[dict]:
+    """Token grids to time a block on, one per (label, (height, width)), with the anchor counts the balanced
+    preset produces there (s=3 on 21 latent frames: 8 and 9)."""
     fis = load_fis("balanced", model_family(spec.transformer))
+    p = spec.transformer["patch_size"]
     out = []
     for label, (h, w) in sizes:
-        f, _ = spec.dims.latent_grid(TINY_VIDEO[0] if tiny else frames, h, w)
-        plan = fis.resolve(spec.transformer["num_layers"], f, 4)
+        f, _ = spec.dims.latent_grid(frames, h, w)
+        plan = fis.resolve(spec.transformer["num_layers"], f, fis.dense_steps + 1)  # step 0 is the sparse one
         anchors = sorted({c for c in plan.anchor_counts(0) if c is not None})
-        p = spec.transformer["patch_size"]
         out.append(dict(resolution=label, frames=f, h=h // spec.vae_s // p[1], w=w // spec.vae_s // p[2],
                         anchors=anchors))
     return out
@@ -124,15 +120,18 @@ def attention_sweep(spec, device: torch.device, grids: list[dict], compile_mode:
 
 def _compile_sweep(spec, block, device, grid: dict, backend: str | None, mode: str) -> dict:
     """Compile time and steady speed of the compiled block at each token count FIS produces at this grid."""
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
     res = {"backend": backend, "mode": mode, "resolution": grid["resolution"], "shapes": []}
+    start = time.perf_counter()
     try:
         set_backend(block, backend)
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        raise_recompile_limit()
         compiled = torch.compile(block.forward, dynamic=None if mode == "auto" else False)
         for frames in [grid["frames"], *grid["anchors"]]:
+            if time.perf_counter() - start > COMPILE_SWEEP_S:
+                res["status"] = f"stopped after {COMPILE_SWEEP_S:.0f} s of compiling"
+                break
             inputs = block_inputs(spec, frames, grid["h"], grid["w"], device)
             graphs = counters["stats"]["unique_graphs"]
             t = time.perf_counter()
@@ -207,7 +206,7 @@ def count_host_syncs(fn) -> tuple[int, list[str]]:
 
 def profile_sparse_step(s: Setup, out_json: str | None) -> dict:
     """torch.profiler over one sparse FIS-Balanced step (step 0): top kernels, FIS glue as % of the step's device
-    time (target <= 3 %), host syncs inside the step (target 0), and the same step dense for reference."""
+    time (target <= 3 %) and host syncs inside the step (target 0). The dense step is the Dense row's step 0."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -223,7 +222,7 @@ def profile_sparse_step(s: Setup, out_json: str | None) -> dict:
         def step():
             transformer_call(s, model, s.noise, t)
 
-        res["sparse_step_s"] = time_fn(step, s.device, warmup=1, reps=3)
+        res["sparse_step_s"] = time_fn(step, s.device, warmup=1, reps=2)  # warm-up builds the FIS tables
         if cuda:
             res["host_syncs"], res["sync_messages"] = count_host_syncs(step)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -233,23 +232,23 @@ def profile_sparse_step(s: Setup, out_json: str | None) -> dict:
             if cuda:
                 torch.cuda.synchronize()
         cpu_events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
-        if cuda:  # device time: every kernel once, at the op that launched it
-            total = sum(e.self_device_time_total for e in cpu_events)
-            glue = sum(e.device_time_total for e in cpu_events if e.name == GLUE)
+        if cuda:
+            # device time of the kernels launched under the glue tags, over the step's CUDA-event time
+            glue = sum(e.device_time_total for e in cpu_events if e.name == GLUE) / 1e3
+            step_ms = res["sparse_step_s"] * 1e3
+            key, kinds = "self_device_time_total", (DeviceType.CUDA,)  # top list: kernels, not the ops above them
         else:
-            total = sum(e.cpu_time_total for e in cpu_events if e.name == "bench_step")
-            glue = sum(e.cpu_time_total for e in cpu_events if e.name == GLUE)
-        res.update(glue_pct=100 * glue / total if total else None, glue_ms=glue / 1e3, profiled_ms=total / 1e3,
-                   time_basis="device" if cuda else "host")
-        key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        avgs = sorted(prof.key_averages(), key=lambda a: getattr(a, key), reverse=True)
+            glue = sum(e.cpu_time_total for e in cpu_events if e.name == GLUE) / 1e3
+            step_ms = sum(e.cpu_time_total for e in cpu_events if e.name == "bench_step") / 1e3
+            key, kinds = "self_cpu_time_total", (DeviceType.CPU,)
+        res.update(glue_ms=glue, glue_pct=100 * glue / step_ms, step_ms=step_ms, time_basis=kinds[0].name.lower())
+        avgs = sorted((a for a in prof.key_averages() if a.device_type in kinds and a.key not in (GLUE, "bench_step")),
+                      key=lambda a: getattr(a, key), reverse=True)
         res["top"] = [dict(name=a.key[:90], calls=a.count, self_ms=getattr(a, key) / 1e3,
-                           pct=100 * getattr(a, key) / total if total else None) for a in avgs[:25]]
+                           pct=100 * getattr(a, key) / 1e3 / step_ms) for a in avgs[:25]]
         if out_json:
             Path(out_json).with_suffix(".profile.txt").write_text(
                 prof.key_averages().table(sort_by=key, row_limit=40))
-        state.begin(s.steps, None)  # same hooks, FIS off: the dense step for comparison
-        res["dense_step_s"] = time_fn(step, s.device, warmup=1, reps=3)
         res["status"] = "ok"
     except Exception as err:
         res["status"] = _failure(err)
@@ -282,7 +281,7 @@ def time_vae_decode(s: Setup, latents: torch.Tensor) -> dict:
 
 
 def _short(err: BaseException) -> str:
-    if isinstance(err, torch.OutOfMemoryError):
+    if is_oom(err):
         return "OOM"
     msg = str(err).strip().splitlines()
     return f"{type(err).__name__}: {msg[0] if msg else ''}"[:160]

@@ -29,7 +29,8 @@ def environment(device: torch.device, command: str) -> dict:
 
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
             "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "gpu": gpu_info(device), "device": str(device)}
+            "gpu": gpu_info(device), "device": str(device),
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None}
 
 
 def save(report: dict, path: str | None) -> None:
@@ -100,7 +101,8 @@ def targets(report: dict) -> list[str]:
         out.append(f"Dense {tf:.0f} TFLOP/s >= 600: {'met' if tf >= 600 else 'MISSED'}")
     prof = report.get("profile") or {}
     if prof.get("glue_pct") is not None:
-        out.append(f"FIS glue {prof['glue_pct']:.2f}% of a sparse step <= 3%: {'met' if prof['glue_pct'] <= 3 else 'MISSED'}")
+        g = prof["glue_pct"]
+        out.append(f"FIS glue {g:.2f}% of a sparse step <= 3%: {'met' if g <= 3 else 'MISSED'}")
     if prof.get("host_syncs") is not None:
         out.append(f"host syncs in a sparse step: {prof['host_syncs']} (target 0)")
     return out
@@ -110,15 +112,18 @@ def markdown_section(report: dict) -> str:
     gpu = report.get("gpu") or {}
     name = gpu.get("name", "CPU")
     lines = [f"## {report['date']} · {report['model']} {report['resolution']} · {name}", "",
-             f"- Versions: torch {report['torch']} (CUDA {gpu.get('torch_cuda', '-')}), diffusers "
-             f"{report['diffusers']}, Python {report['python']}",
+             f"- Versions: torch {report['torch']} (CUDA {gpu.get('torch_cuda', '-')}, cuDNN "
+             f"{report.get('cudnn') or '-'}), diffusers {report['diffusers']}, Python {report['python']}",
              f"- Command: `{report['command']}`",
              f"- Setup: {report['frames']} frames {report['width']}x{report['height']} ({report['latent_frames']} "
              f"latent frames, {report['tokens']:,} tokens), {report['steps']} steps flow-match Euler (shift 5), "
              f"guidance 1.0, random weights; warm-up {report['warmup']}, median of {report['repeats']} "
              f"(ablations {report['ablation_repeats']}); expert per step {report.get('route')}",
              f"- Attention backend: `{report.get('attention_backend')}` ({report.get('attention_backend_choice')}); "
-             f"torch.compile: {report['compile']}; dense {_f(report.get('flops_dense_P'))} PFLOP", ""]
+             f"torch.compile: {report['compile']}; dense {_f(report.get('flops_dense_P'))} PFLOP",
+             "- Fidelity columns compare final latents with the Dense row of the same run (random weights, random "
+             "noise): a consistency check, not a quality score. MagCache-Force is diffusers' MagCache forced to skip "
+             "one step in four, never the last (`MAGCACHE_FORCE` in engine/bench.py), as in the paper's row.", ""]
     lines += ["### Table 1: methods", "", _md_table(TABLE1, [_cells(r) for r in _rows(report, False)]), ""]
     lines += _ablation_tables(report)
     if report.get("sweep"):
@@ -187,14 +192,14 @@ def _profile_lines(p: dict) -> list[str]:
     rows = [[f"`{t['name']}`", str(t["calls"]), _f(t["self_ms"], 2), _f(t["pct"], 1, "%")] for t in p["top"][:12]]
     return ["### Profile of one sparse step (FIS-Balanced, step 0)", "",
             f"FIS glue (frame selection + reconstruction) {_f(p['glue_ms'], 2)} ms = {_f(p['glue_pct'], 2)}% of "
-            f"{_f(p['profiled_ms'], 1)} ms {p['time_basis']} time; host syncs in the step: "
-            f"{p.get('host_syncs', '-')}; sparse step {_f(p['sparse_step_s'], 3)} s vs dense "
-            f"{_f(p['dense_step_s'], 3)} s.", "",
+            f"{_f(p['step_ms'], 1)} ms ({p['time_basis']} time); host syncs in the step: "
+            f"{p.get('host_syncs', '-')}.", "",
             _md_table(["Kernel / op", "Calls", "Self (ms)", "Share"], rows), ""]
 
 
 def append_docs(report: dict, docs: str, json_path: str | None = None) -> Path:
-    """Append this run's dated section to docs (created with a header if missing); copy its JSON to docs/bench/."""
+    """Append this run's dated section to docs (created with a header if missing); copy its JSON (and profile
+    table) to docs/bench/."""
     path = Path(docs)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
@@ -202,8 +207,9 @@ def append_docs(report: dict, docs: str, json_path: str | None = None) -> Path:
     with path.open("a") as f:
         f.write("\n" + markdown_section(report) + "\n")
     if json_path:
-        dest = path.parent / "bench" / Path(json_path).name
-        if Path(json_path).resolve() != dest.resolve():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(json_path, dest)
+        for src in (Path(json_path), Path(json_path).with_suffix(".profile.txt")):
+            dest = path.parent / "bench" / src.name
+            if src.exists() and src.resolve() != dest.resolve():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest)
     return path

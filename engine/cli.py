@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def quiet_libraries() -> None:
 
 
 def fail(message: str, prog: str = "generate") -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+        print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -49,6 +51,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default="default", help="default, euler (Lightning: --scheduler euler --shift 5)")
     g.add_argument("--shift", type=float)
     g.add_argument("--attention-backend", help="diffusers attention backend, e.g. _native_cudnn")
+    q = p.add_argument_group("parallel (under torchrun --nproc_per_node=N)")
+    q.add_argument("--ulysses", type=int, help="Ulysses degree (default: what the world size leaves)")
+    q.add_argument("--ring", type=int, default=1, help="ring-attention degree (CUDA)")
+    q.add_argument("--cfg-parallel", type=int, default=1, choices=[1, 2], help="2: CFG branches on two rank groups")
+    q.add_argument("--shard", default="spatial", choices=["spatial", "frame"],
+                   help="spatial: each rank a slice of every frame (default); frame: contiguous frame ranges")
+    q.add_argument("--sp-attention", default="diffusers", choices=["diffusers", "xfuser"])
 
 
 def add_request_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +83,8 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 def worker_config(a) -> WorkerConfig:
     return WorkerConfig(model=a.model, device=a.device, dtype=a.dtype, lora=a.lora, lora_2=a.lora_2,
                         lora_scale=a.lora_scale, scheduler=a.scheduler, shift=a.shift,
-                        attention_backend=a.attention_backend)
+                        attention_backend=a.attention_backend, cfg_parallel=a.cfg_parallel, ulysses=a.ulysses,
+                        ring=a.ring, shard=a.shard, sp_attention=a.sp_attention)
 
 
 def request(a, family: str) -> GenerationRequest:
@@ -111,8 +121,10 @@ def summary(m: dict) -> str:
     steps = ", ".join(f"{s:.2f}" for s in m["step_s"])
     gpu = m["gpu"]["name"] if m.get("gpu") else "cpu"
     fis = m["request"]["fis"]
+    wk = m["worker"]
+    par = "" if wk["world_size"] == 1 else f" x{wk['world_size']} ({wk['degrees']}, {wk['shard']})"
     rows = [
-        ("device", f"{gpu} ({m['worker']['dtype']})"),
+        ("device", f"{gpu} ({wk['dtype']}){par}"),
         ("FIS", "off" if fis is None else f"{fis['name']} (s={fis['stride']}, {fis['operator']})"),
         ("latency", f"{m['latency_s']:.2f} s (text {m['text_encode_s']:.2f}, denoise {m['denoise_s']:.2f}, "
                     f"decode {m['decode_s']:.2f})"),

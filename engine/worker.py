@@ -6,12 +6,15 @@ name through `execute`, so the model code path is identical everywhere.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from fis import UNIT, DiTDims, generation_flops
+from parallel import Degrees, init_parallel, parallelize_pipeline
 
 from . import metrics as M
 from .adapters import ADAPTERS
@@ -38,12 +41,29 @@ class WorkerConfig:
     scheduler: str = "default"  # 'euler' + shift 5 for Wan 2.2 Lightning
     shift: float | None = None
     attention_backend: str | None = None  # diffusers backend name, e.g. '_native_cudnn'
+    # one video over several processes (torchrun / a Ray worker group): see parallel/
+    cfg_parallel: int = 1  # 2: cond and uncond branches on two rank groups
+    ulysses: int | None = None  # None: whatever the world size leaves after cfg and ring
+    ring: int = 1
+    shard: str = "spatial"  # 'spatial' (every rank a slice of every frame) or 'frame'
+    sp_attention: str = "diffusers"  # 'diffusers' (native context parallelism) or 'xfuser' (CUDA only)
+    dp: int = 1  # replicas rendering different videos (batch rendering under torchrun)
+
+    def degrees(self) -> Degrees:
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        ulysses = self.ulysses or max(1, world // (self.dp * self.cfg_parallel * self.ring))
+        return Degrees(cfg=self.cfg_parallel, ulysses=ulysses, ring=self.ring, dp=self.dp)
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, rank: int = 0):
-        self.cfg, self.rank = cfg, rank
-        self.device = pick_device(cfg.device)
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        try:
+            self.ctx = init_parallel(cfg.degrees())  # checks the degrees against the launch first
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        self.rank = self.ctx.rank
+        self.device = self.ctx.device if self.ctx.is_distributed else pick_device(cfg.device)
         dtype = pick_dtype(cfg.dtype, self.device)
         self.pipe = load_pipeline(cfg.model, self.device, dtype)
         load_loras(self.pipe, cfg.lora, cfg.lora_2, cfg.lora_scale)
@@ -54,13 +74,20 @@ class Worker:
             found = type(self.transformers[0]).__name__ if self.transformers else "no transformer"
             raise UserError(f"{type(self.pipe).__name__} ({found}) is not supported; supported models: {supported}")
         self.info = model_info(self.pipe)
-        if cfg.attention_backend:
+        if cfg.attention_backend and not self.ctx.is_distributed:
             for t in self.transformers:
                 t.set_attention_backend(cfg.attention_backend)
         self.fis = FISState(None, self.info.num_blocks)  # one state for both experts
         for t in self.transformers:
             apply_fis(t, None, self.fis)
-        self.pipe.set_progress_bar_config(disable=rank != 0, desc="denoise", leave=False)
+        self.parallel = None
+        if self.ctx.is_distributed:  # after FIS: the frame layout wraps the FIS block hooks
+            try:
+                self.parallel = parallelize_pipeline(self.pipe, self.ctx, cfg.shard, cfg.sp_attention,
+                                                     cfg.attention_backend)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        self.pipe.set_progress_bar_config(disable=self.rank != 0, desc="denoise", leave=False)
 
     def execute(self, method: str, *args, **kwargs):
         """Entry point for remote drivers (Ray actors, torchrun loops): call a method by name."""
@@ -70,9 +97,12 @@ class Worker:
 
     def describe(self) -> dict:
         t = self.transformers[0]
+        d = self.ctx.degrees
         return {"model": self.cfg.model or "embedded-tiny", "pipeline": type(self.pipe).__name__,
                 "experts": len(self.transformers), "blocks": self.info.num_blocks, "family": self.info.family,
-                "device": str(self.device), "dtype": str(t.dtype)}
+                "device": str(self.device), "dtype": str(t.dtype), "world_size": self.ctx.world_size,
+                "degrees": {"cfg": d.cfg, "ulysses": d.ulysses, "ring": d.ring},
+                "shard": self.cfg.shard if self.ctx.is_distributed else None}
 
     def validate(self, req: GenerationRequest) -> GenerationRequest:
         return validate(req, self.info)
@@ -113,7 +143,7 @@ class Worker:
                 final["latents"] = kw["latents"]
             if on_step is not None:
                 on_step(i + 1, req.steps)
-            if cancel is not None and cancel():
+            if self._cancelled(cancel):
                 raise Cancelled()
             return {}
 
@@ -124,8 +154,8 @@ class Worker:
         try:
             out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=req.height, width=req.width,
                        num_frames=req.num_frames, num_inference_steps=req.steps, guidance_scale=req.guidance,
-                       generator=torch.Generator("cpu").manual_seed(req.seed),
-                       output_type="np" if decode else "latent",
+                       generator=torch.Generator("cpu").manual_seed(req.seed),  # same noise on every rank
+                       output_type="np" if decode and self.ctx.is_leader else "latent",  # the leader decodes
                        callback_on_step_end=on_step_end, **extra)
         finally:
             self.fis.begin(1, None)
@@ -153,7 +183,24 @@ class Worker:
             plan = req.fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames), req.steps)
             metrics["fis"] = {**req.fis.to_dict(), "sparse_blocks": list(plan.sparse_blocks),
                               "sparse_steps": [s for s in range(req.steps) if plan.step_is_sparse(s)]}
-        return {"frames": out.frames[0] if decode else None, "latents": final["latents"], "metrics": metrics}
+        frames = out.frames[0] if decode and self.ctx.is_leader else None
+        return {"frames": frames, "latents": final["latents"], "metrics": metrics}
+
+    def _cancelled(self, cancel) -> bool:
+        """The replica's leader decides; every rank of the replica must stop at the same step, or the
+        others would wait forever in their next collective."""
+        flag = bool(cancel()) if cancel is not None and self.ctx.is_leader else False
+        if self.ctx.replica_group is not None:
+            t = torch.tensor([int(flag)], device=self.device)
+            dist.broadcast(t, src=self.ctx.leader_rank(), group=self.ctx.replica_group)
+            flag = bool(t.item())
+        return flag
+
+    def close(self) -> None:
+        """Undo parallelism (last attached first) and leave the process group."""
+        if self.parallel is not None:
+            self.parallel.remove()
+            self.parallel = None
 
 
 def load_image(path: str):

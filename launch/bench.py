@@ -31,7 +31,7 @@ def parser() -> Parser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="wan2.2-a14b", help="wan2.2-a14b, wan2.2-ti2v-5b or wan2.1-1.3b")
     p.add_argument("--resolution", default="480p", help="480p (832x480) or 720p (1280x720)")
-    p.add_argument("--rows", default="all", help="'all' (Table 1) or comma-separated row names")
+    p.add_argument("--rows", default="all", help="'all' (Table 1), 'none' (sweep only) or row names, comma-separated")
     p.add_argument("--ablations", action="store_true", help="add the Table 2-3 ablation rows (after the others)")
     p.add_argument("--attention-backend", default="auto", help="diffusers backend name, or auto (fastest measured)")
     p.add_argument("--attention-sweep", action="store_true", help="time every backend + torch.compile on one block")

@@ -1,6 +1,7 @@
 """Generate one video.  python launch/generate.py --prompt "a red circle moving right" --fis balanced
 
-With no --model it uses the embedded tiny model (built locally, nothing downloaded).
+With no --model it uses the embedded tiny model (built locally, nothing downloaded). Several GPUs (or CPU
+processes, gloo): torchrun --nproc_per_node=N launch/generate.py --ulysses N ...
 Writes OUTPUT.mp4 and OUTPUT.metrics.json (and OUTPUT.latents.safetensors with --save-latents).
 """
 
@@ -41,6 +42,11 @@ def main(argv=None) -> int:
     except UserError as e:
         fail(str(e))
 
+    from parallel import destroy_parallel
+
+    if not worker.ctx.is_main:  # rank 0 writes; the others are done
+        destroy_parallel()
+        return 0
     from engine.video import save_latents, write_json, write_mp4
 
     write_mp4(result["frames"], out, fps=a.fps)
@@ -50,6 +56,7 @@ def main(argv=None) -> int:
     write_json(metrics, out.with_suffix(".metrics.json"))
     print(f"wrote {out} ({req.num_frames} frames, {req.width}x{req.height})")
     print(summary(metrics))
+    destroy_parallel()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""torch.distributed set up once per process: a DeviceMesh with named axes ('cfg', 'ring', 'ulysses').
+"""torch.distributed set up once per process: a DeviceMesh with named axes ('dp', 'cfg', 'ring', 'ulysses').
 
     ctx = init_parallel(Degrees(ulysses=4))   # under torchrun; nccl on CUDA, gloo on CPU
     ctx.group("cfg"), ctx.sp_group             # None when that axis has one rank
@@ -30,6 +30,20 @@ class ParallelContext:
     mesh: dist.device_mesh.DeviceMesh | None = None  # dims AXES
     sp_mesh: dist.device_mesh.DeviceMesh | None = None  # mesh['ring', 'ulysses']: what diffusers' CP config takes
     sp_group: dist.ProcessGroup | None = None  # ring x ulysses flattened: the ranks holding one video's tokens
+    replica_group: dist.ProcessGroup | None = None  # cfg x ring x ulysses: the ranks making one video
+
+    @property
+    def replica_rank(self) -> int:
+        return 0 if self.replica_group is None else dist.get_rank(self.replica_group)
+
+    @property
+    def is_leader(self) -> bool:
+        """The replica's rank 0: decodes the video and returns the result."""
+        return self.replica_rank == 0
+
+    def leader_rank(self) -> int:
+        """Global rank of this replica's leader (the source of its broadcasts)."""
+        return self.rank if self.replica_group is None else dist.get_global_rank(self.replica_group, 0)
 
     @property
     def is_distributed(self) -> bool:
@@ -97,6 +111,7 @@ def init_parallel(degrees: Degrees, backend: str | None = None) -> ParallelConte
         ctx = ParallelContext(
             degrees, dist.get_rank(), dist.get_world_size(), local_rank, device, mesh, sp_mesh,
             sp_mesh._flatten().get_group() if degrees.sp > 1 else None,
+            mesh["cfg", "ring", "ulysses"]._flatten().get_group() if degrees.replica > 1 else None,
         )
     _CONTEXTS[degrees] = ctx
     return ctx

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-AXES = ("cfg", "ring", "ulysses")  # mesh axis names, outermost first: Ulysses ranks are neighbours (fast links)
+# mesh axis names, outermost first: Ulysses ranks are neighbours (fast links). 'dp' replicas render different
+# videos (batch rendering); the other three spread one video.
+AXES = ("dp", "cfg", "ring", "ulysses")
 
 
 @dataclass(frozen=True)
 class Degrees:
-    """cfg: 2 runs the cond and uncond branches on two rank groups at once (1 = serial CFG).
+    """dp: independent replicas, each rendering its own videos (data parallel over requests).
+    cfg: 2 runs the cond and uncond branches on two rank groups at once (1 = serial CFG).
     ring, ulysses: sequence-parallel degrees inside one CFG group (diffusers ring / Ulysses attention).
     """
 
     cfg: int = 1
     ulysses: int = 1
     ring: int = 1
+    dp: int = 1
 
     def __post_init__(self):
         for name in AXES:
@@ -31,8 +35,13 @@ class Degrees:
         return self.ring * self.ulysses
 
     @property
-    def world_size(self) -> int:
+    def replica(self) -> int:
+        """Ranks that work on one video together."""
         return self.cfg * self.sp
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.replica
 
     def shape(self) -> tuple[int, int, int]:
         return tuple(getattr(self, name) for name in AXES)
@@ -41,7 +50,8 @@ class Degrees:
         """Raise ValueError (one line) if these degrees cannot run on `world_size` processes or this model."""
         if self.world_size != world_size:
             raise ValueError(
-                f"parallel degrees cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} = {self.world_size} "
+                f"parallel degrees dp={self.dp} x cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} = "
+                f"{self.world_size} "
                 f"must equal the number of processes ({world_size})"
             )
         if num_heads is not None and num_heads % self.ulysses != 0:

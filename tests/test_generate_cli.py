@@ -85,3 +85,42 @@ def test_bad_input_through_a_real_process(model, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == "generate: error: num_frames must be of the form 4k+1 (e.g. 17 or 21), got 18"
     assert not list(tmp_path.iterdir())
+
+
+def _torchrun(n, *args):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--standalone",
+           str(ROOT / "launch" / "generate.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["spatial", "frame"])
+def test_torchrun_two_processes_match_one(model, tmp_path, shard):
+    """torchrun --nproc_per_node=2 on gloo: rank 0 writes the video; latents equal the one-process run."""
+    from safetensors.torch import load_file
+
+    args = ["--model", model, "--prompt", "a red circle moving right", *SMALL, "--fis", "balanced", "--save-latents"]
+    r = _torchrun(2, *args, "--ulysses", "2", "--shard", shard, "--output", tmp_path / "sp.mp4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r1 = run_cli("generate.py", *args, "--output", tmp_path / "one.mp4")
+    assert r1.returncode == 0, r1.stderr
+    sp = load_file(tmp_path / "sp.latents.safetensors")["latents"]
+    one = load_file(tmp_path / "one.latents.safetensors")["latents"]
+    assert ((sp - one).norm() / one.norm()).item() < 1e-5
+    assert json.loads((tmp_path / "sp.metrics.json").read_text())["worker"]["world_size"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["sp.mp4", "sp.metrics.json", "sp.latents.safetensors", "one.mp4", "one.metrics.json",
+         "one.latents.safetensors"])
+
+
+def test_torchrun_bad_degrees_fail_before_work(model, tmp_path):
+    r = _torchrun(2, "--model", model, "--prompt", "a cat", *SMALL, "--ulysses", "3", "--output", tmp_path / "x.mp4")
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if "generate: error" in ln]
+    assert len(lines) == 1 and "must equal the number of processes (2)" in lines[0], r.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
