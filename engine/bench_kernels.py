@@ -14,8 +14,9 @@ import torch
 
 from fis.flops import block_flops
 
-from .bench import (Setup, _failure, _peak_gib, _reset_memory, attach, build_block, default_dtype, detach, is_oom,
-                    model_dtype, raise_recompile_limit, set_backend, transformer_call)
+from .archs import build_block, default_dtype, model_dtype
+from .bench import (Setup, _failure, _peak_gib, _reset_memory, attach, detach, is_oom, raise_recompile_limit,
+                    set_backend, transformer_call)
 from .presets import load_fis, model_family
 
 # diffusers backends worth timing on an H100; the ones whose package is missing fail fast and say so.

@@ -51,6 +51,13 @@ def resolve_model(model: str | None) -> str:
 def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
+    if model and model.startswith("random:"):  # real-size architecture, random weights: for speed runs
+        from .archs import MODELS, build_random_pipeline
+
+        name = model.split(":", 1)[1]
+        if name not in MODELS:
+            raise UserError(f"unknown random model {name!r}; valid: {', '.join('random:' + m for m in MODELS)}")
+        return build_random_pipeline(name, device)
     src = resolve_model(model)
     try:
         pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype)

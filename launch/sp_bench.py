@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import torch
 
-from engine.bench import MODELS, TINY_VIDEO, build_setup, denoise, set_backend
+from engine.archs import MODELS, TINY_VIDEO
+from engine.bench import build_setup, denoise, set_backend
 from engine.fis_hooks import apply_fis, remove_fis
 from fis import FISConfig
 from parallel import Degrees, ParallelContext, destroy_parallel, init_parallel, parallelize_transformer

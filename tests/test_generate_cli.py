@@ -124,3 +124,12 @@ def test_torchrun_bad_degrees_fail_before_work(model, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if "generate: error" in ln]
     assert len(lines) == 1 and "must equal the number of processes (2)" in lines[0], r.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+def test_unknown_random_model_is_a_clear_error(tmp_path, capsys):
+    from launch.generate import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", "random:wan9", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unknown random model 'wan9'" in err and "random:wan2.2-a14b" in err
