@@ -209,7 +209,7 @@ def append_docs(report: dict, docs: str, json_path: str | None = None) -> Path:
     if json_path:
         for src in (Path(json_path), Path(json_path).with_suffix(".profile.txt")):
             dest = path.parent / "bench" / src.name
-            if src.exists() and src.resolve() != dest.resolve():
+            if src.exists() and dest.parent.resolve() not in src.resolve().parents:  # not already kept there
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dest)
     return path
