@@ -42,7 +42,9 @@ def gpu_info(device: torch.device) -> dict | None:
         import pynvml
 
         pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        # by UUID: NVML numbers GPUs physically and ignores CUDA_VISIBLE_DEVICES (Ray, torchrun ranks)
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        h = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
         mem = pynvml.nvmlDeviceGetMemoryInfo(h)
         util = pynvml.nvmlDeviceGetUtilizationRates(h)
         info.update(memory_used_gib=mem.used / 2**30, memory_total_gib=mem.total / 2**30,
