@@ -97,7 +97,7 @@ def attention_sweep(spec, device: torch.device, grids: list[dict], compile_mode:
                 e = dict(resolution=g["resolution"], frames=frames, tokens=n, backend=backend, status="ok")
                 try:
                     set_backend(block, backend)
-                    sec = time_fn(lambda: block(*inputs), device)
+                    sec = time_fn(lambda: block(*inputs), device)  # noqa: B023 - called here, in this iteration
                     e.update(block_ms=sec * 1e3, block_tflops=block_flops(spec.dims, n) / sec / 1e12)
                     if not dense_only:
                         q, k, v = (torch.randn(1, n, heads, hd, device=device, dtype=model_dtype(device))
@@ -109,12 +109,12 @@ def attention_sweep(spec, device: torch.device, grids: list[dict], compile_mode:
                 except Exception as err:
                     e["status"] = _short(err)
                 entries.append(e)
-            del inputs
+            inputs = None  # noqa: F841 - free before the next grid's inputs are made
             _reset_memory(device)
     out = {"entries": entries, "grids": grids}
     if compile_mode != "off":
         out["compile"] = _compile_sweep(spec, block, device, grids[0], best_backend(entries, grids[0]), compile_mode)
-    del block
+    block = None  # noqa: F841 - drop the weights before the next stage measures memory
     _reset_memory(device)
     return out
 
@@ -145,7 +145,7 @@ def _compile_sweep(spec, block, device, grid: dict, backend: str | None, mode: s
             res["shapes"].append(dict(frames=frames, tokens=inputs[0].shape[1], first_call_s=first,
                                       compile_s=first - steady, new_graphs=counters["stats"]["unique_graphs"] - graphs,
                                       compiled_ms=steady * 1e3, eager_ms=eager * 1e3, speedup=eager / steady))
-            del inputs
+            inputs = None  # noqa: F841 - free before the next shape's inputs are made
     except Exception as err:
         res["status"] = _short(err)
     return res
@@ -277,7 +277,7 @@ def time_vae_decode(s: Setup, latents: torch.Tensor) -> dict:
     except Exception as err:
         res["status"] = _failure(err)
     finally:
-        del vae
+        vae = None  # noqa: F841 - free the VAE before measuring what is left
         _reset_memory(s.device)
     return res
 

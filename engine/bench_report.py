@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
 import shutil
 from pathlib import Path
@@ -37,9 +36,11 @@ def save(report: dict, path: str | None) -> None:
     """Write the JSON (after every stage, so a run cut short still leaves its rows)."""
     if not path:
         return
+    from .video import write_json  # temp + rename: a run killed mid-write leaves the previous whole file
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     rows = [{k: v for k, v in r.items() if k != "latents"} for r in report["rows"]]
-    Path(path).write_text(json.dumps({**report, "rows": rows}, indent=1, default=str) + "\n")
+    write_json({**report, "rows": rows}, path)
 
 
 def _f(v, digits: int = 2, suffix: str = "") -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fis import FISConfigError, parse_blocks
 
-from .presets import load_fis
+from .presets import build_fis
 from .request import RESOLUTIONS, GenerationRequest, UserError
 from .worker import WorkerConfig
 
@@ -93,11 +93,7 @@ def request(a, family: str) -> GenerationRequest:
     if a.fis_blocks is not None:
         overrides["blocks"] = parse_blocks(a.fis_blocks)
     try:
-        fis = load_fis(a.fis, family)
-        if fis is None and any(v is not None for v in overrides.values()):
-            fis = load_fis("balanced", family)
-        if fis is not None:
-            fis = fis.replace(**overrides)
+        fis = build_fis(a.fis, family, **overrides)
     except FISConfigError as e:
         raise UserError(str(e)) from None
     h, w = RESOLUTIONS[a.resolution] if a.resolution else (a.height, a.width)

@@ -39,7 +39,6 @@ class FISState:
         self.step = 0
         self.num_steps = 1
         self.plan: FISPlan | None = None
-        self.hw = 0
         self._tables: dict = {}  # (anchors, device) -> FrameTables, kept across forwards
         self._reused: dict = {}  # per forward: sliced block-invariant args (RoPE)
 
@@ -53,9 +52,8 @@ class FISState:
         self.step = i + 1
         return {}
 
-    def start_forward(self, num_frames: int, hw: int) -> None:
+    def start_forward(self, num_frames: int) -> None:
         self._reused.clear()
-        self.hw = hw
         if self.config is None:
             self.plan = None
         elif self.plan is None or self.plan.num_frames != num_frames or self.plan.num_steps != self.num_steps:
@@ -81,7 +79,7 @@ class FISModelHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         latents = kwargs[self.adapter.input_arg] if self.adapter.input_arg in kwargs else args[0]
-        self.state.start_forward(*self.adapter.geometry(module, latents))
+        self.state.start_forward(self.adapter.geometry(module, latents)[0])
         return args, kwargs
 
 
@@ -139,7 +137,7 @@ def sparse_forward(fwd, args, kwargs, names: BlockArgs, adapter: FISAdapter, t: 
     for name, rule in adapter.per_frame.items():
         value = names.get(name, args, kwargs)
         if value is not None:
-            names.set(name, _slice(name, value, rule, t, reused), args, kwargs)
+            names.set(name, slice_frames(name, value, rule, t.anchors, t.num_frames, reused), args, kwargs)
     out = fwd(*args, **kwargs)
     i = adapter.output_index
     y = out if i is None else out[i]  # [B, A*HW, C]
@@ -147,15 +145,18 @@ def sparse_forward(fwd, args, kwargs, names: BlockArgs, adapter: FISAdapter, t: 
     return y if i is None else (*out[:i], y, *out[i + 1:])
 
 
-def _slice(name: str, value, rule: SliceRule, t: FrameTables, reused: dict | None):
-    key = (name, t.anchors.data_ptr())
+def slice_frames(name: str, value, rule: SliceRule, anchors: torch.Tensor, num_frames: int,
+                 reused: dict | None = None):
+    """The anchor frames of one per-frame block argument (a tensor or a tuple of them, e.g. RoPE's
+    (cos, sin)). Block-invariant arguments (rule.reuse) are sliced once per anchor set and forward."""
+    key = (name, anchors.data_ptr())
     if rule.reuse and reused is not None and key in reused:
         return reused[key]
 
     def one(x):
         if not torch.is_tensor(x) or (rule.ndim is not None and x.ndim != rule.ndim):
             return x
-        return select_frames(x, t.anchors, t.num_frames, rule.dim)
+        return select_frames(x, anchors, num_frames, rule.dim)
 
     out = type(value)(one(v) for v in value) if isinstance(value, (tuple, list)) else one(value)
     if rule.reuse and reused is not None:

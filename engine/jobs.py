@@ -63,19 +63,20 @@ class JobStore:
         self.path = self.root / "jobs.sqlite3"
         db = sqlite3.connect(self.path, timeout=30)
         try:
+            db.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the runner's writes
             db.executescript(_SCHEMA)  # its own transaction: executescript commits around itself
         finally:
             db.close()
 
     @contextmanager
-    def _tx(self):
-        """One connection per operation (handlers run on many threads); IMMEDIATE takes the write lock up
-        front, so read-then-write steps (queue bound, claim) are atomic across threads and replicas."""
+    def _tx(self, write: bool = True):
+        """One connection per operation (handlers run on many threads). Writes take the write lock up front
+        (IMMEDIATE), so read-then-write steps (queue bound, claim) are atomic across threads and replicas;
+        reads (status polls, /healthz) take none and never wait for the runner's heartbeats."""
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield db
             except BaseException:
@@ -122,9 +123,12 @@ class JobStore:
             return row["id"], json.loads(row["request"])
 
     def heartbeat(self, job_id: str, step: int, steps: int) -> bool:
-        """Record progress and renew the lease; True if the client asked to cancel."""
+        """Record progress and renew the lease; True if the client asked to cancel. steps 0 = the group has
+        not started this job's steps yet: keep the submitted count."""
+        steps = steps or None
         with self._tx() as db:
-            db.execute("UPDATE jobs SET step = ?, steps = ?, heartbeat_at = ? WHERE id = ? AND state = 'running'",
+            db.execute("UPDATE jobs SET step = ?, steps = COALESCE(?, steps), heartbeat_at = ? "
+                       "WHERE id = ? AND state = 'running'",
                        (step, steps, time.time(), job_id))
             row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return bool(row and row["cancel"])
@@ -173,18 +177,18 @@ class JobStore:
 
     # ---- reading -----------------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict | None:
-        with self._tx() as db:
+        with self._tx(write=False) as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _record(row)
 
     def list(self, limit: int = 100) -> list[dict]:
         """Newest first."""
-        with self._tx() as db:
+        with self._tx(write=False) as db:
             rows = db.execute("SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)).fetchall()
         return [_record(r) for r in rows]
 
     def counts(self) -> dict:
-        with self._tx() as db:
+        with self._tx(write=False) as db:
             rows = db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
         return {s: 0 for s in STATES} | {r["state"]: r["n"] for r in rows}
 
@@ -199,7 +203,7 @@ def _record(row: sqlite3.Row) -> dict:
         "id": t["id"],
         "object": "video",
         "status": t["state"],
-        "progress": {"step": t["step"], "steps": t["steps"], "percent": round(100 * t["step"] / t["steps"])},
+        "progress": {"step": t["step"], "steps": t["steps"], "percent": round(100 * t["step"] / max(1, t["steps"]))},
         "cancel_requested": bool(t["cancel"]) and t["state"] == "running",
         "created_at": t["created_at"],
         "started_at": t["started_at"],

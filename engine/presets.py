@@ -36,3 +36,13 @@ def load_fis(spec: str | None, family: str = "default") -> FISConfig | None:
     if spec.endswith(".toml") or Path(spec).exists():
         return FISConfig.from_toml(spec)
     raise FISConfigError(f"unknown FIS preset {spec!r}: use off, {', '.join(PRESETS)} or a path to a .toml file")
+
+
+def build_fis(spec: str | None, family: str = "default", **overrides) -> FISConfig | None:
+    """A preset with overrides on top (None values ignored). Overrides alone, with FIS off, start from
+    'balanced': asking for a stride means asking for FIS. Used by the CLI, the HTTP API and manifests."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    fis = load_fis(spec, family)
+    if fis is None and overrides:
+        fis = load_fis("balanced", family)
+    return None if fis is None else fis.replace(**overrides)

@@ -96,6 +96,9 @@ class WorkerGroup:
         except RayTaskError as e:
             self.shutdown()
             raise e.cause if isinstance(e.cause, UserError) else GroupFailed(_first_line(e)) from None
+        except RayActorError as e:  # an actor died while starting: the group failed, not the driver
+            self.shutdown()
+            raise GroupFailed(_first_line(e)) from None
         except BaseException:
             self.shutdown()
             raise
@@ -227,12 +230,17 @@ def render_on_ray(batch, cfg: WorkerConfig, groups: int | None, address: str | N
                     batch.done(item, group.run(req))
                 except UserError as e:
                     batch.failed(item, str(e))
-                except GroupFailed as e:
-                    batch.failed(item, str(e))
-                    group.shutdown()
-                    group = WorkerGroup(cfg, gpus)
+                except Exception as e:  # GroupFailed, a write error: the line fails, the batch goes on
+                    batch.failed(item, str(e) or type(e).__name__)
+                    if isinstance(e, GroupFailed):
+                        group.shutdown()
+                        group = None
+                        group = WorkerGroup(cfg, gpus)  # if this fails, the other groups take the rest
+        except Exception:  # the group cannot be rebuilt: its lines stay queued ('not_run' in the summary)
+            return
         finally:
-            group.shutdown()
+            if group is not None:
+                group.shutdown()
 
     with ThreadPoolExecutor(groups) as pool:
         list(pool.map(drive, range(groups)))

@@ -82,7 +82,7 @@ class Batch:
     render groups report from threads of their own."""
 
     def __init__(self, manifest: str | Path, out_dir: str | Path, default_fis: str, cfg: WorkerConfig,
-                 fps: int = 16, progress: bool = True):
+                 fps: int = 16, progress: bool = True, report: bool = True):
         self.manifest, self.out, self.default_fis, self.fps = Path(manifest), Path(out_dir), default_fis, fps
         if not self.manifest.is_file():
             raise UserError(f"manifest {str(manifest)!r} does not exist")
@@ -96,7 +96,7 @@ class Batch:
         self.errors: list[dict] = []
         self._queue = deque(self.pending)
         self._lock = threading.Lock()
-        for b in self.bad:
+        for b in self.bad if report else ():  # under torchrun every rank reads the manifest; one reports
             self._report(b)
         self.bar = tqdm(total=len(self.pending), unit="video", desc="render", disable=not progress, file=sys.stderr)
 
@@ -167,6 +167,7 @@ class Batch:
             "total": len(self.items) + len(self.bad), "done": len(self.rendered), "skipped": len(self.skipped),
             "failed": len(failures), "failures": failures,
             "done_ids": sorted(self.rendered), "skipped_ids": [i.id for i in self.skipped],
+            "not_run": [i.id for i in self._queue],  # left when every render group was lost
             "total_time_s": round(elapsed, 3),
             "videos_per_hour": round(len(self.rendered) / elapsed * 3600, 2) if self.rendered else 0.0,
         }
@@ -203,7 +204,10 @@ def render_local(batch: Batch, cfg: WorkerConfig):
             batch.failed(item, f"{type(e).__name__}: {e}")
             continue
         if ctx.is_leader:
-            batch.done(item, result)
+            try:
+                batch.done(item, result)
+            except OSError as e:  # disk full, permissions: this line fails, the group goes on together
+                batch.failed(item, f"cannot write the outputs: {e}")
     if ctx.is_distributed:
         parts = [None] * ctx.world_size if ctx.is_main else None
         dist.gather_object((batch.rendered, batch.errors), parts, dst=0)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from fis import FISConfig, FISConfigError
 
-from .presets import PRESETS, load_fis
+from .presets import PRESETS, build_fis
 from .request import MAX_FRAMES, MAX_SIDE, RESOLUTIONS, GenerationRequest, ModelInfo, UserError, validate
 
 FIELDS = ("prompt", "negative_prompt", "size", "height", "width", "num_frames", "num_inference_steps",
@@ -168,10 +168,7 @@ def _fis(spec, default: str, family: str) -> FISConfig | None:
         raise FieldError("fis.preset", f"unknown FIS preset {_show(preset)}: use one of {', '.join(FIS_NAMES)}")
     overrides = {k: spec[k] for k in FIS_OVERRIDES if k in spec}
     try:
-        fis = load_fis(preset, family)
-        if fis is None and overrides:
-            fis = load_fis("balanced", family)
-        return None if fis is None else fis.replace(**overrides)
+        return build_fis(preset, family, **overrides)
     except FISConfigError as e:
         raise FieldError("fis", str(e)) from None
 

@@ -218,9 +218,12 @@ class VideoService:
         if self._stop.is_set():
             return False
         try:
-            self.group = self._make_group()
-            self.group_error = None
-            return True
+            group = self._make_group()
         except Exception as e:  # reported on /healthz; the jobs stay queued
             self.group_error = f"worker group failed to start: {type(e).__name__}: {e}"
             return False
+        if self._stop.is_set():  # close() ran while the group was starting: it would hold its GPUs forever
+            group.shutdown()
+            return False
+        self.group, self.group_error = group, None
+        return True

@@ -196,12 +196,6 @@ class Worker:
             flag = bool(t.item())
         return flag
 
-    def close(self) -> None:
-        """Undo parallelism (last attached first) and leave the process group."""
-        if self.parallel is not None:
-            self.parallel.remove()
-            self.parallel = None
-
 
 def load_image(path: str):
     from PIL import Image, UnidentifiedImageError

@@ -57,7 +57,6 @@ class DiTDims:
 
 # Real-size architectures (diffusers configs) used by the benchmark and the presets.
 WAN_A14B = DiTDims(num_layers=40, dim=5120, ffn_dim=13824)
-WAN_14B = WAN_A14B  # Wan 2.1 T2V 14B: same transformer
 WAN_1_3B = DiTDims(num_layers=30, dim=1536, ffn_dim=8960)
 WAN_TI2V_5B = DiTDims(num_layers=30, dim=3072, ffn_dim=14336, in_channels=48, out_channels=48, vae_s=16)
 

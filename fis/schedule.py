@@ -6,9 +6,10 @@ Pure Python: the interpolation tables are lists here; reconstruct.py turns them 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 
+@lru_cache(maxsize=1024)  # asked once per sparse block call: keep the block loop free of set building
 def anchor_frames(num_frames: int, stride: int, offset: int) -> tuple[int, ...]:
     """Eq. 12: frames f with f = offset (mod s), plus the first and last frame (always anchors)."""
     if num_frames <= 0:

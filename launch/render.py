@@ -57,7 +57,8 @@ def main(argv=None) -> int:
         if world % ranks:
             raise UserError(f"{world} process(es) cannot form render groups of {ranks}: run under torchrun with "
                             f"a multiple of {ranks} processes, or with --ray")
-        batch = Batch(a.manifest, a.output_dir, a.fis, cfg, a.fps, progress=rank == 0 and not a.no_progress)
+        batch = Batch(a.manifest, a.output_dir, a.fis, cfg, a.fps, progress=rank == 0 and not a.no_progress,
+                      report=rank == 0)
         if not batch.pending:
             backend, groups = "none", 0  # nothing to render: no model is loaded
         elif a.ray or a.address:

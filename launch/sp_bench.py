@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -26,11 +25,13 @@ import torch
 from engine.archs import MODELS, TINY_VIDEO
 from engine.bench import build_setup, denoise, set_backend
 from engine.fis_hooks import apply_fis, remove_fis
-from fis import FISConfig
+from engine.presets import load_fis, model_family
+from engine.video import write_json
 from parallel import Degrees, ParallelContext, destroy_parallel, init_parallel, parallelize_transformer
 
-ROWS = {"Dense": None, "FIS-Balanced": FISConfig(stride=3, dense_head=1, dense_tail=1, dense_steps=1,
-                                                 name="FIS-Balanced")}
+def rows(spec) -> dict:
+    """Dense and the model's FIS-Balanced preset (configs/fis/, as launch/generate.py and launch/bench.py use)."""
+    return {"Dense": None, "FIS-Balanced": load_fis("balanced", model_family(spec.transformer))}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,7 +92,7 @@ def measure(s, ctx, row: str, shard: str, attention: str, o, ref=None) -> dict:
         torch.cuda.reset_peak_memory_stats(s.device)
     att = None
     try:
-        att = Attached(s, ctx, ROWS[row], shard, attention, o.attention_backend)
+        att = Attached(s, ctx, rows(s.spec)[row], shard, attention, o.attention_backend)
         for _ in range(o.warmup):
             denoise(s, att.state)
         runs = [denoise(s, att.state) for _ in range(o.repeats)]
@@ -102,6 +103,8 @@ def measure(s, ctx, row: str, shard: str, attention: str, o, ref=None) -> dict:
         if s.device.type == "cuda":
             out["peak_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
     except Exception as e:  # noqa: BLE001 - a row's failure (OOM, uneven sizes under xfuser) is its status
+        if ctx.is_distributed:  # the other ranks are inside a collective: only stopping them all is safe
+            raise
         out["status"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     finally:
         if att is not None:
@@ -125,7 +128,7 @@ def profile(s, ctx, shard: str, attention: str, o) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = s.device.type == "cuda"
-    att = Attached(s, ctx, ROWS["FIS-Balanced"], shard, attention, o.attention_backend)
+    att = Attached(s, ctx, rows(s.spec)["FIS-Balanced"], shard, attention, o.attention_backend)
     try:
         denoise(s, att.state)  # warm-up
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -173,7 +176,7 @@ def main(argv=None) -> dict | None:
         refs = {}
         if o.check and res == resolutions[0]:  # this GPU alone: every rank computes it, no communication
             alone = ParallelContext(device=ctx.device)
-            for row, fis in ROWS.items():
+            for row, fis in rows(s.spec).items():
                 att = Attached(s, alone, fis, "spatial", "diffusers", None)
                 try:
                     refs[row] = denoise(s, att.state)[0]
@@ -181,7 +184,7 @@ def main(argv=None) -> dict | None:
                     att.close()
         for attention in attentions:
             for shard in shards:
-                for row in ROWS:
+                for row in rows(s.spec):
                     r = {"resolution": res, **measure(s, ctx, row, shard, attention, o, refs.get(row))}
                     report["rows"].append(r)
                     if r["status"] == "ok":
@@ -200,7 +203,7 @@ def main(argv=None) -> dict | None:
             f"of {p['total_ms']:.0f} ms", flush=True)
     if ctx.is_main and o.out:
         Path(o.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(o.out).write_text(json.dumps(report, indent=1) + "\n")
+        write_json(report, o.out)
     destroy_parallel()
     return report if ctx.is_main else None
 

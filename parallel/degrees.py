@@ -43,7 +43,7 @@ class Degrees:
     def world_size(self) -> int:
         return self.dp * self.replica
 
-    def shape(self) -> tuple[int, int, int]:
+    def shape(self) -> tuple[int, ...]:
         return tuple(getattr(self, name) for name in AXES)
 
     def validate(self, world_size: int, num_heads: int | None = None) -> Degrees:

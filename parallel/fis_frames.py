@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.fis_hooks import FISBlockHook
+from engine.fis_hooks import FISBlockHook, slice_frames
 from fis.reconstruct import FrameTables, reconstruct, select_frames
 
 from .layout import all_gather_varlen
@@ -47,7 +47,8 @@ class FrameShardFISHook(FISBlockHook):
         for name, rule in self.adapter.per_frame.items():
             value = self.args.get(name, args, kwargs)
             if value is not None:
-                self.args.set(name, self._select(name, value, rule, v), args, kwargs)
+                self.args.set(name, slice_frames(name, value, rule, v.anchors, v.num_frames, self.state._reused),
+                              args, kwargs)
         with self.shard.uneven(len(set(v.sizes)) > 1):  # anchors per rank differ even when frames split evenly
             y = fwd(*args, **kwargs)  # [B, A_r*HW, C]
         residual = self.state.config.operator == "residual"
@@ -60,23 +61,6 @@ class FrameShardFISHook(FISBlockHook):
             out += hidden
             y_a = y.view(B, v.anchors.numel(), hw, C)
             out.view(B, v.num_frames, hw, C).index_copy_(1, v.anchors, y_a)  # anchors are the block's own output
-        return out
-
-    def _select(self, name: str, value, rule, v: _AnchorView):
-        """This rank's anchor frames of a per-frame argument (RoPE, TI2V temb); block-invariant ones once per
-        forward (FISState clears `_reused` at every transformer forward)."""
-        key = ("frame_shard", name, id(v))
-        if rule.reuse and key in self.state._reused:
-            return self.state._reused[key]
-
-        def one(x):
-            if not torch.is_tensor(x) or (rule.ndim is not None and x.ndim != rule.ndim):
-                return x
-            return select_frames(x, v.anchors, v.num_frames, rule.dim)
-
-        out = type(value)(one(x) for x in value) if isinstance(value, (tuple, list)) else one(value)
-        if rule.reuse:
-            self.state._reused[key] = out
         return out
 
     def _view(self, anchors: tuple[int, ...], device) -> _AnchorView:

@@ -7,6 +7,8 @@ for a gathering variant, which needs them in place.
 
 from __future__ import annotations
 
+from engine.loader import transformers_of
+
 from .cfg import attach_cfg_parallel
 from .context import ParallelContext
 from .layout import MODES
@@ -24,10 +26,6 @@ class ParallelHandle:
     def remove(self) -> None:
         while self._undo:
             self._undo.pop()()
-
-
-def _transformers(pipe):
-    return [t for t in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if t is not None]
 
 
 def _check(transformers, ctx: ParallelContext, shard: str, attention: str) -> None:
@@ -57,7 +55,7 @@ def parallelize_pipeline(pipe, ctx: ParallelContext, shard: str = "spatial", att
 
     attention: 'diffusers' (default; CPU and GPU) or 'xfuser' (xDiT USP, CUDA only, equal token counts only).
     attention_backend: a diffusers backend name set on the transformers (ring defaults to '_native_cudnn')."""
-    transformers = _transformers(pipe)
+    transformers = transformers_of(pipe)
     if not transformers:
         raise ValueError(f"{type(pipe).__name__} has no transformer to parallelize")
     return _parallelize(transformers, pipe, ctx, shard, attention, attention_backend)
