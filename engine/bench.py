@@ -22,6 +22,8 @@ import torch
 from fis import UNIT, FISConfig, FISConfigError, generation_flops
 
 from .archs import MODELS, TINY_VIDEO, ModelSpec, build_transformer, model_dtype
+from .compile import MODES as COMPILE_MODES
+from .compile import compile_blocks
 from .fis_hooks import MODEL_HOOK, FISState, apply_fis, remove_fis
 from .presets import load_fis, model_family
 from .request import RESOLUTIONS
@@ -43,25 +45,6 @@ def set_backend(module, backend: str) -> None:
     for m in module.modules():
         if isinstance(m, AttentionModuleMixin):
             m.set_attention_backend(backend)
-
-
-def raise_recompile_limit(limit: int = 64) -> None:
-    """One graph per token count is expected (all blocks of both experts share it); leave room for them all."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), limit))
-
-
-def compile_blocks(models, mode: str) -> None:
-    """torch.compile each block's own forward before any hook wraps it: the FIS/MagCache hooks stay eager Python,
-    the block maths is fused. `static` compiles once per token count (dense + the 2-3 anchor counts of a stride);
-    `auto` lets dynamo mark the token dimension dynamic at the first new count."""
-    raise_recompile_limit()
-    for model in models:
-        for block in model.blocks:
-            block.forward = torch.compile(block.forward, dynamic=None if mode == "auto" else False)
 
 
 # ---- rows -----------------------------------------------------------------------------------------------------
@@ -403,7 +386,6 @@ class Options:
     command: str = ""
 
 
-COMPILE_MODES = ("off", "static", "auto")
 
 
 def validate(o: Options) -> None:

@@ -15,8 +15,8 @@ import torch
 from fis.flops import block_flops
 
 from .archs import build_block, default_dtype, model_dtype
-from .bench import (Setup, _failure, _peak_gib, _reset_memory, attach, detach, is_oom, raise_recompile_limit,
-                    set_backend, transformer_call)
+from .bench import Setup, _failure, _peak_gib, _reset_memory, attach, detach, is_oom, set_backend, transformer_call
+from .compile import raise_recompile_limit
 from .presets import load_fis, model_family
 
 # diffusers backends worth timing on an H100; the ones whose package is missing fail fast and say so.

@@ -51,6 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default="default", help="default, euler (Lightning: --scheduler euler --shift 5)")
     g.add_argument("--shift", type=float)
     g.add_argument("--attention-backend", help="diffusers attention backend, e.g. _native_cudnn")
+    g.add_argument("--compile", default="off", choices=["off", "static", "auto"],
+                   help="torch.compile the blocks (GPU: +18%% TFLOP/s on Wan A14B); static = a graph per token count")
     q = p.add_argument_group("parallel (under torchrun --nproc_per_node=N)")
     q.add_argument("--ulysses", type=int, help="Ulysses degree (default: what the world size leaves)")
     q.add_argument("--ring", type=int, default=1, help="ring-attention degree (CUDA)")
@@ -83,7 +85,8 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 def worker_config(a) -> WorkerConfig:
     return WorkerConfig(model=a.model, device=a.device, dtype=a.dtype, lora=a.lora, lora_2=a.lora_2,
                         lora_scale=a.lora_scale, scheduler=a.scheduler, shift=a.shift,
-                        attention_backend=a.attention_backend, cfg_parallel=a.cfg_parallel, ulysses=a.ulysses,
+                        attention_backend=a.attention_backend, compile=a.compile, cfg_parallel=a.cfg_parallel,
+                        ulysses=a.ulysses,
                         ring=a.ring, shard=a.shard, sp_attention=a.sp_attention)
 
 

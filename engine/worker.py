@@ -18,6 +18,7 @@ from parallel import Degrees, init_parallel, parallelize_pipeline
 
 from . import metrics as M
 from .adapters import ADAPTERS
+from .compile import compile_blocks
 from .fis_hooks import FISState, apply_fis
 from .loader import (load_loras, load_pipeline, model_info, pick_device, pick_dtype, set_scheduler,
                      transformers_of)
@@ -41,6 +42,7 @@ class WorkerConfig:
     scheduler: str = "default"  # 'euler' + shift 5 for Wan 2.2 Lightning
     shift: float | None = None
     attention_backend: str | None = None  # diffusers backend name, e.g. '_native_cudnn'
+    compile: str = "off"  # torch.compile of the blocks: off, static (a graph per token count), auto
     # one video over several processes (torchrun / a Ray worker group): see parallel/
     cfg_parallel: int = 1  # 2: cond and uncond branches on two rank groups
     ulysses: int | None = None  # None: whatever the world size leaves after cfg and ring
@@ -77,6 +79,10 @@ class Worker:
         if cfg.attention_backend and not self.ctx.is_distributed:
             for t in self.transformers:
                 t.set_attention_backend(cfg.attention_backend)
+        try:
+            compile_blocks(self.transformers, cfg.compile)  # before the hooks: they stay eager around it
+        except ValueError as e:
+            raise UserError(str(e)) from None
         self.fis = FISState(None, self.info.num_blocks)  # one state for both experts
         for t in self.transformers:
             apply_fis(t, None, self.fis)

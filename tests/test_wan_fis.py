@@ -138,3 +138,16 @@ def test_remove_restores_the_dense_model_exactly():
 def test_adapter_rejects_unknown_models():
     with pytest.raises(ValueError, match="no adapter"):
         apply_fis(torch.nn.Linear(2, 2), FISConfig())
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_fis_match_eager(tiny_path):
+    """--compile static: the blocks' own maths is compiled, the FIS hooks stay eager around it."""
+    eager = Worker(WorkerConfig(model=str(tiny_path("t2v"))))
+    eager.image = None
+    compiled = Worker(WorkerConfig(model=str(tiny_path("t2v")), compile="static"))
+    compiled.image = None
+    cfg = FISConfig(stride=2, dense_head=1, dense_tail=1)
+    torch.testing.assert_close(latents(compiled, cfg, steps=2), latents(eager, cfg, steps=2), rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="compile mode must be one of"):
+        Worker(WorkerConfig(model=str(tiny_path("t2v")), compile="max"))
