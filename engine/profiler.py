@@ -11,14 +11,17 @@ import dataclasses
 import functools
 
 import torch
+import torch.distributed as dist
 
 from fis import anchor_frames
-from fis.analysis import coefficient_of_variation, magnitude_map, per_frame_error, relative_change
+from fis.analysis import (coefficient_of_variation, magnitude_map, per_frame_error, per_frame_error_parts,
+                          relative_change, relative_change_parts)
 from fis.reconstruct import FrameTables, reconstruct, select_frames
 
 from .adapters import adapter_for
 from .fis_hooks import BlockArgs, sparse_forward
-from .request import GenerationRequest
+from . import metrics as M
+from .request import GenerationRequest, UserError
 
 OPERATORS = ("linear", "residual")
 
@@ -47,35 +50,57 @@ class BlockProbe:
         latents = kwargs.get(self.adapter.input_arg, args[0] if args else None)
         self.num_frames, _ = self.adapter.geometry(module, latents)
 
+    def _sum(self, parts):
+        """Under sequence parallelism each rank holds a spatial slice of every frame: the squared sums
+        behind Eq. 3 and Eq. 6 add up over the ranks, so the numbers equal one process's."""
+        group = self.w.ctx.sp_group
+        if group is not None:
+            for p in parts:
+                dist.all_reduce(p, group=group)
+        return parts
+
     @torch.no_grad()
     def _measure(self, b, names, module, args, kwargs, output):
         step, F = self.w.fis.step, self.num_frames
         key = (self.prompt, step, b)
         if key in self.curves:  # the CFG 'uncond' call of the same step: measure the cond call only
             return
-        self.curves[key] = relative_change(magnitude_map(output, F)).mean(0).cpu()  # [F-1]
-        t = FrameTables.build(anchor_frames(F, self.stride, b % self.stride), F, output.device)
+        i = self.adapter.output_index
+        y_full = output if i is None else output[i]  # [B, F*HW, C] video tokens
+        parts = self._sum(relative_change_parts(magnitude_map(y_full, F)))
+        self.curves[key] = relative_change(None, parts).mean(0).cpu()  # [F-1]
+        t = FrameTables.build(anchor_frames(F, self.stride, b % self.stride), F, y_full.device)
         fwd = functools.partial(type(module).forward, module)  # the block itself, past any hook
         x = names.get(self.adapter.hidden, args, kwargs)
-        y_anchor = select_frames(output, t.anchors, F)  # the dense outputs of the anchor frames
+        y_anchor = select_frames(y_full, t.anchors, F)  # the dense outputs of the anchor frames
         for op in OPERATORS:
             # what FIS runs: anchors see only anchors in attention, so they too drift a little
             y = sparse_forward(fwd, args, kwargs, names, self.adapter, t, op)
-            self.errors[(op, *key)] = per_frame_error(y, output, F).cpu()  # [F]
+            y = y if i is None else y[i]
+            self.errors[(op, *key)] = self._error(y, y_full, F)  # [F]
             # the operator alone, fed exact anchors: zero on anchors by construction
             y = reconstruct(y_anchor, t, x if op == "residual" else None)
-            self.interp_errors[(op, *key)] = per_frame_error(y, output, F).cpu()
+            self.interp_errors[(op, *key)] = self._error(y, y_full, F)
+
+    def _error(self, y, y_full, F):
+        return per_frame_error(None, None, F, self._sum(per_frame_error_parts(y, y_full, F))).cpu()
 
 
 def profile(worker, prompts: list[str], req: GenerationRequest, stride: int, progress=None) -> dict:
     """Run every prompt dense and measure. Returns plain lists for JSON."""
     req = worker.validate(req)
+    if worker.ctx.sp_size > 1 and worker.cfg.shard != "spatial":
+        raise UserError("profiling needs every rank to hold every frame: use --shard spatial")
     probe = BlockProbe(worker, stride)
+    M.reset_peak(worker.device)
+    seconds = []
     try:
         for p, prompt in enumerate(prompts):
             probe.prompt = p
             r = GenerationRequest(**{**req.__dict__, "prompt": prompt, "fis": None})
+            t0 = M.now(worker.device)
             worker.generate(r, decode=False)
+            seconds.append(M.now(worker.device) - t0)
             if progress:
                 progress(p + 1, len(prompts))
     finally:
@@ -89,8 +114,10 @@ def profile(worker, prompts: list[str], req: GenerationRequest, stride: int, pro
         return {op: torch.stack([d[(op, p, t, b)] for p in range(P) for t in range(T) for b in range(L)])
                 .view(P, T, L, F).tolist() for op in OPERATORS}
 
-    return {"model": worker.describe(), "dims": dataclasses.asdict(worker.dims()), "request": req.to_dict(), "prompts": prompts, "stride": stride,
-            "num_frames": F, "num_blocks": L, "steps": T, "curves": curves.tolist(), "cv": cv.tolist(),
+    return {"model": worker.describe(), "dims": dataclasses.asdict(worker.dims()), "request": req.to_dict(),
+            "prompts": prompts, "stride": stride, "num_frames": F, "num_blocks": L, "steps": T,
+            "seconds_per_prompt": seconds, "peak_memory_gib": M.peak_memory_gib(worker.device),
+            "gpu": M.gpu_info(worker.device), "curves": curves.tolist(), "cv": cv.tolist(),
             "frame_error": table(probe.errors), "interp_error": table(probe.interp_errors)}
 
 

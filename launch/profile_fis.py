@@ -55,6 +55,7 @@ def run(a) -> int:
     from engine.plots import report
     from engine.profiler import OPERATORS, block_error, profile
     from engine.request import GenerationRequest, UserError
+    from engine.video import write_json
 
     prompts = [x for x in a.prompt if x.strip()]
     if a.prompts:
@@ -78,9 +79,13 @@ def run(a) -> int:
         prof = profile(worker, prompts, req, a.stride, progress=lambda k, n: print(f"prompt {k}/{n}", flush=True))
     except ValueError as e:  # e.g. a model FIS has no adapter for
         raise UserError(str(e).splitlines()[0]) from None
+    if not worker.ctx.is_main:  # under torchrun every rank measured its slice; rank 0 holds the sums and writes
+        return 0
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.json").write_text(json.dumps(prof))
+    write_json(prof, out / "profile.json")
     errs = {op: block_error(prof, op, dense_steps=1) for op in OPERATORS}
+    print(f"{len(prompts)} prompt(s) in {sum(prof['seconds_per_prompt']):.1f} s, peak memory "
+          f"{prof['peak_memory_gib']:.1f} GiB ({'GPU' if prof['gpu'] else 'RSS'})")
     print(f"wrote {report(prof, errs, out)}")
     return 0
 

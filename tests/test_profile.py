@@ -135,3 +135,29 @@ def other_pipeline(tmp_path_factory):
                        norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
     return path
+
+
+@pytest.mark.slow
+def test_profile_under_sequence_parallelism_matches_one_process(tiny_path, tmp_path):
+    """torchrun, 2 gloo ranks, spatial shards: the shard sums give the one-process Eq. 3 and Eq. 6 numbers."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = ["run", "--model", str(tiny_path("t2v")), "--prompt", "a red circle moving right", "--stride", "2", *ARGS]
+    script = str(ROOT / "launch" / "profile_fis.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+                        *args, "--ulysses", "2", "--out", str(tmp_path / "sp")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r1 = subprocess.run([sys.executable, script, *args, "--out", str(tmp_path / "one")], capture_output=True,
+                        text=True, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    sp, one = (json.loads((tmp_path / d / "profile.json").read_text()) for d in ("sp", "one"))
+    assert sp["model"]["world_size"] == 2
+    for key in ("curves", "cv"):
+        torch.testing.assert_close(torch.tensor(sp[key]), torch.tensor(one[key]), rtol=1e-3, atol=1e-5)
+    for key in ("frame_error", "interp_error"):
+        for op in ("linear", "residual"):
+            torch.testing.assert_close(torch.tensor(sp[key][op]), torch.tensor(one[key][op]), rtol=1e-3, atol=1e-5)
