@@ -20,6 +20,8 @@ def model_family(transformer_config) -> str:
         return "wan-5b"
     if c["num_layers"] == 30 and dim == 1536:
         return "wan-1.3b"
+    if c["num_layers"] == 54 and dim == 2048:
+        return "hunyuanvideo1.5-8b"
     return "default"
 
 

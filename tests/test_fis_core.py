@@ -136,7 +136,7 @@ def test_toml_roundtrip(tmp_path):
 def test_presets_load_for_every_family():
     from engine.presets import PRESET_DIR, load_fis
 
-    for family in ("wan-14b", "wan-5b", "wan-1.3b", "default"):
+    for family in ("wan-14b", "wan-5b", "wan-1.3b", "hunyuanvideo1.5-8b", "default"):
         assert load_fis("balanced", family).stride == 3
         assert load_fis("fast", family).stride == 5
     assert load_fis("off") is None

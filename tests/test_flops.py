@@ -3,7 +3,7 @@
 import pytest
 
 from fis import UNIT, FISConfig, generation_flops
-from fis.flops import WAN_A14B, DiTDims, block_flops, forward_flops
+from fis.flops import HUNYUAN_VIDEO_15, WAN_A14B, DiTDims, block_flops, forward_flops
 
 
 @pytest.mark.parametrize("h, w, paper", [(720, 1280, 26.09), (480, 832, 6.71)])
@@ -38,3 +38,22 @@ def test_fis_presets_save_flops_on_a14b():
     bal = generation_flops(WAN_A14B, 81, 720, 1280, 4, FISConfig(stride=3).resolve(40, 21, 4))
     fast = generation_flops(WAN_A14B, 81, 720, 1280, 4, FISConfig(stride=5).resolve(40, 21, 4))
     assert fast < bal < dense / 2
+
+
+def test_hunyuanvideo15_dense_matches_paper():
+    """Paper Table 1: 5.47 P for HunyuanVideo 1.5 I2V, 480p (848x480), 81 frames, 8 steps."""
+    assert generation_flops(HUNYUAN_VIDEO_15, 81, 480, 848, 8) / UNIT == pytest.approx(5.47, rel=0.03)
+    # joint attention: context tokens add to the attended sequence, they are not a cross-attention
+    no_text = DiTDims(**{**HUNYUAN_VIDEO_15.__dict__, "text_len": 0})
+    assert generation_flops(no_text, 81, 480, 848, 8) < generation_flops(HUNYUAN_VIDEO_15, 81, 480, 848, 8)
+
+
+def test_hunyuanvideo15_presets_save_flops():
+    from engine.presets import load_fis, model_family
+
+    family = model_family({"num_layers": 54, "num_attention_heads": 16, "attention_head_dim": 128})
+    assert family == "hunyuanvideo1.5-8b"
+    dense = generation_flops(HUNYUAN_VIDEO_15, 81, 480, 848, 8)
+    got = [generation_flops(HUNYUAN_VIDEO_15, 81, 480, 848, 8, load_fis(p, family).resolve(54, 21, 8)) / UNIT
+           for p in ("balanced", "fast")]
+    assert got[1] < got[0] < dense / UNIT / 2  # paper: 2.33 and 2.06 P (our anchors add the first/last frame)
