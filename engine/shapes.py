@@ -1,0 +1,115 @@
+"""Procedural videos with prompts from a small grammar, and the check that a video obeys its prompt.
+
+The data of the embedded model (issue 6): "a red circle moving right quickly on a dark background".
+A video is one shape of one named colour crossing a plain or textured background in a straight line at a
+named speed. `adherence` reads a video back (colour mask, centroid track) so prompt adherence is measured
+by analysing frames, with no learned metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
+           "white": (245, 245, 245), "purple": (150, 60, 200)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0), "up": (0.0, -1.0)}  # (dx, dy)
+SPEEDS = {"slowly": 0.3, "quickly": 0.6}  # fraction of the frame side crossed over the whole clip
+BACKGROUNDS = {"dark": (20, 20, 28), "light": (200, 200, 190), "textured": None}
+
+
+@dataclass(frozen=True)
+class Spec:
+    colour: str
+    shape: str
+    direction: str
+    speed: str
+    background: str
+
+    def prompt(self) -> str:
+        return f"a {self.colour} {self.shape} moving {self.direction} {self.speed} on a {self.background} background"
+
+
+def sample_spec(rng: np.random.Generator) -> Spec:
+    pick = lambda xs: list(xs)[rng.integers(len(xs))]  # noqa: E731
+    bg = pick(BACKGROUNDS)
+    colour = pick([c for c in COLOURS if not (bg == "light" and c in ("white", "yellow"))])  # keep it visible
+    return Spec(colour, pick(SHAPES), pick(DIRECTIONS), pick(SPEEDS), bg)
+
+
+def parse_prompt(text: str) -> Spec | None:
+    """The Spec a grammar prompt names, or None if it is not one."""
+    words = text.lower().replace(",", " ").split()
+    found = {}
+    for key, vocab in (("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS), ("speed", SPEEDS),
+                       ("background", BACKGROUNDS)):
+        hits = [w for w in words if w in vocab]
+        if len(hits) != 1:
+            return None
+        found[key] = hits[0]
+    return Spec(**found)
+
+
+def render(spec: Spec, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """[F, H, W, 3] uint8. The shape starts so that its whole path stays inside the frame."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if BACKGROUNDS[spec.background] is None:  # textured: low-frequency noise, different every clip
+        base = rng.uniform(60, 160, size=(4, 4, 3)).astype(np.float32)
+        bg = np.kron(base, np.ones((size // 4, size // 4, 1), np.float32))
+    else:
+        bg = np.broadcast_to(np.array(BACKGROUNDS[spec.background], np.float32), (size, size, 3))
+    r = size * rng.uniform(0.08, 0.12)  # with the fastest travel the path still fits
+    travel = SPEEDS[spec.speed] * size
+    dx, dy = DIRECTIONS[spec.direction]
+    margin = r + 1
+    lo_x, hi_x = margin + max(0.0, -dx * travel), size - margin - max(0.0, dx * travel)
+    lo_y, hi_y = margin + max(0.0, -dy * travel), size - margin - max(0.0, dy * travel)
+    x0, y0 = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
+    colour = np.array(COLOURS[spec.colour], np.float32)
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for f in range(frames):
+        t = f / max(1, frames - 1)
+        cx, cy = x0 + dx * travel * t, y0 + dy * travel * t
+        mask = _mask(spec.shape, xx - cx, yy - cy, r)
+        out[f] = np.where(mask[..., None], colour, bg).astype(np.uint8)
+    return out
+
+
+def _mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
+    if shape == "circle":
+        return x * x + y * y <= r * r
+    if shape == "square":
+        return (np.abs(x) <= r * 0.85) & (np.abs(y) <= r * 0.85)
+    return (y <= r * 0.8) & (y >= -r) & (np.abs(x) <= (y + r) * 0.55)  # triangle, apex up
+
+
+def centroid_track(video: np.ndarray, colour: str, tol: float = 60.0) -> np.ndarray:
+    """Per frame, the centroid (x, y) of the pixels close to the named colour; NaN where there are none."""
+    target = np.array(COLOURS[colour], np.float32)
+    dist = np.linalg.norm(video.astype(np.float32) - target, axis=-1)  # [F, H, W]
+    out = np.full((video.shape[0], 2), np.nan, np.float32)
+    yy, xx = np.mgrid[0:video.shape[1], 0:video.shape[2]]
+    for f, d in enumerate(dist):
+        m = d < tol
+        if m.sum() >= 4:
+            out[f] = xx[m].mean(), yy[m].mean()
+    return out
+
+
+def adherence(video: np.ndarray, spec: Spec, min_travel: float = 0.1) -> dict:
+    """Does the named colour appear, and does its centroid move in the named direction (by at least
+    `min_travel` of the frame side, mostly along that axis)?"""
+    track = centroid_track(video, spec.colour)
+    seen = ~np.isnan(track[:, 0])
+    colour_ok = bool(seen.mean() >= 0.5)
+    if seen.sum() < 2:
+        return {"colour": colour_ok, "direction": False, "displacement": [0.0, 0.0]}
+    first, last = track[seen][0], track[seen][-1]
+    move = (last - first) / video.shape[2]  # in frame sides
+    want = np.array(DIRECTIONS[spec.direction], np.float32)
+    along = float(move @ want)
+    across = float(abs(move @ want[::-1]))
+    return {"colour": colour_ok, "direction": bool(along >= min_travel and along > across),
+            "displacement": [float(move[0]), float(move[1])]}
