@@ -19,7 +19,7 @@ import json
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -80,10 +80,11 @@ def create_app(service) -> FastAPI:
         job = _job(service, video_id)
         if job["status"] != "completed":
             raise ApiError(409, "not_ready", f"video {video_id} is {job['status']}, not completed", "video_id")
-        path = service.store.video_path(video_id)
-        if not path.is_file():
+        data = service.store.video_bytes(video_id)
+        if data is None:
             raise ApiError(404, "not_found", f"the file of video {video_id} is gone from the output directory")
-        return FileResponse(path, media_type="video/mp4", filename=path.name)
+        return Response(data, media_type="video/mp4",
+                        headers={"Content-Disposition": f'attachment; filename="{video_id}.mp4"'})
 
     @app.delete("/v1/videos/{video_id}")
     def delete_video(video_id: str):

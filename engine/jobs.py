@@ -1,7 +1,8 @@
 """The job store of the HTTP endpoint: SQLite (standard library) plus one mp4 and one metrics file per job.
 
-It all lives in the output directory, so job records and videos survive a restart of the app, and several
-replicas sharing that directory share one queue: a replica claims a queued job in a write transaction.
+It all lives in the output directory, so job records and videos survive a restart of the app. Under Ray
+one store actor owns it (engine/ray_group.py: shared_store) and every replica, on any node, goes through it;
+a replica claims a queued job in a write transaction.
 
 A running job carries a heartbeat, renewed by the replica running it. A job whose heartbeat is older than
 the lease was running on a replica that died: it is reported failed ("interrupted"), not re-queued, since
@@ -142,6 +143,18 @@ class JobStore:
                              "WHERE id = ? AND state = 'running'",
                              (state, error, json.dumps(timings) if timings else None, time.time(), state, job_id))
             return cur.rowcount == 1
+
+    def save_outputs(self, job_id: str, mp4: bytes, metrics: dict) -> None:
+        """The finished job's video and metrics, written where the store lives (temp name, then rename), so
+        replicas on other nodes never need this disk."""
+        from .video import write_bytes, write_json
+
+        write_bytes(mp4, self.video_path(job_id))
+        write_json(metrics, self.metrics_path(job_id))
+
+    def video_bytes(self, job_id: str) -> bytes | None:
+        path = self.video_path(job_id)
+        return path.read_bytes() if path.is_file() else None
 
     def cancel(self, job_id: str) -> str | None:
         """DELETE: queued -> 'cancelled'; running -> cancel requested ('cancelling', the runner stops it at the

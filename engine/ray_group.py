@@ -11,6 +11,7 @@ group's leader) returns the video.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import secrets
 import socket
@@ -25,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .api import create_app
 from .group import GroupFailed, GroupMember, ranks_of
+from .jobs import JobStore
 from .request import UserError
 from .service import ServeConfig, VideoService
 from .worker import Cancelled, WorkerConfig
@@ -182,13 +184,43 @@ def _first_line(e: Exception) -> str:
 
 
 # ---- Serve ------------------------------------------------------------------------------------------------
+class RemoteStore:
+    """The JobStore interface, answered by the cluster's one store actor: replicas on any node share one queue,
+    one set of records and one output directory (on the head node), and never touch a shared filesystem."""
+
+    def __init__(self, actor):
+        self._actor = actor
+
+    def __getattr__(self, name):
+        method = getattr(self._actor, name)
+
+        def call(*args, **kwargs):
+            try:
+                return ray.get(method.remote(*args, **kwargs))
+            except RayTaskError as e:  # QueueFull and friends arrive as themselves
+                raise (e.cause if e.cause is not None else e) from None
+
+        return call
+
+
+def shared_store(output_dir: str) -> RemoteStore:
+    """The store actor of `output_dir`, started on the head node on first use and found by name after that.
+    Detached: it outlives replicas (a crashed replica's jobs stay listed) and app restarts reuse it."""
+    name = "fis-jobs-" + hashlib.sha1(output_dir.encode()).hexdigest()[:12]
+    actor = ray.remote(JobStore).options(
+        name=name, namespace="fis", get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=16,
+        resources={"node:__internal_head__": 0.001}, runtime_env=RUNTIME_ENV).remote(output_dir)
+    return RemoteStore(actor)
+
+
 @serve.ingress()
 class VideoDeployment:
     """One Serve replica = one worker group + the HTTP API over the shared job store."""
 
     def __init__(self, config: ServeConfig):
         gpus = use_gpus(config.model.device)
-        self.service = VideoService(config, lambda: WorkerGroup(config.model, gpus))
+        self.service = VideoService(config, lambda: WorkerGroup(config.model, gpus),
+                                    store=shared_store(config.serve.output_dir))
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service)

@@ -20,7 +20,7 @@ from .group import GroupFailed
 from .jobs import JobStore
 from .request import UserError
 from .schema import FIS_NAMES, Limits, check_for, parse, request_from_dict
-from .video import write_json, write_mp4
+from .video import mp4_bytes
 from .worker import Cancelled, WorkerConfig
 
 if sys.version_info >= (3, 11):
@@ -126,9 +126,9 @@ class VideoService:
     """One replica. Requests are validated on submit against the model (same checks as the Worker), queued in
     the job store, and run one at a time on this replica's worker group by a background thread."""
 
-    def __init__(self, config: ServeConfig, make_group):
+    def __init__(self, config: ServeConfig, make_group, store=None):
         self.config = config
-        self.store = JobStore(config.serve.output_dir)
+        self.store = store if store is not None else JobStore(config.serve.output_dir)  # or a remote one
         self.owner = secrets.token_hex(8)  # marks the jobs this replica runs
         self._make_group = make_group
         self.group = make_group()  # a model that cannot load fails the replica's start, loudly
@@ -196,8 +196,7 @@ class VideoService:
         try:
             result = self.group.run(req, lambda k, n: self.store.heartbeat(job_id, k, n))
             t1 = time.time()
-            write_mp4(result["frames"], self.store.video_path(job_id))
-            write_json({**result["metrics"], "id": job_id}, self.store.metrics_path(job_id))
+            self.store.save_outputs(job_id, mp4_bytes(result["frames"]), {**result["metrics"], "id": job_id})
         except Cancelled:
             self.store.finish(job_id, "cancelled", "cancelled by the client")
         except UserError as e:

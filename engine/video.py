@@ -67,6 +67,20 @@ def read_mp4(path: str | Path) -> np.ndarray:
     return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen])
 
 
+def write_bytes(data: bytes, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = _atomic(path, path.suffix)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def mp4_bytes(frames, fps: int = 16) -> bytes:
+    """The mp4 file's bytes (encoded through a temporary file: the encoders want a path)."""
+    with tempfile.TemporaryDirectory() as d:
+        return write_mp4(frames, Path(d) / "v.mp4", fps).read_bytes()
+
+
 def write_json(obj, path: str | Path) -> Path:
     path = Path(path)
     tmp = _atomic(path, ".json")

@@ -252,6 +252,30 @@ def test_concurrent_submissions_all_complete(client):
     assert read_mp4(client.store.video_path(ids[-1])).shape == (1, 32, 32, 3)
 
 
+def test_replicas_share_one_store_actor_on_the_head_node(client, config, tmp_path):
+    """Replicas reach the queue, records and videos only through the cluster's store actor, so a replica on
+    another node needs no shared disk: the actor answers for the output directory it owns."""
+    from engine.jobs import QueueFull
+    from engine.ray_group import shared_store
+
+    done = client.submit(size="32x32", num_frames=17, num_inference_steps=1)
+    assert client.wait(done)["status"] == "completed"
+    store = shared_store(config.serve.output_dir)  # the same actor the replicas use
+    assert done in {j["id"] for j in store.list(100)}
+    assert store.video_bytes(done) == client.store.video_path(done).read_bytes()
+    other = shared_store(str(tmp_path / "other"))  # another output directory: another actor, its own queue
+    from engine.request import GenerationRequest
+
+    request = GenerationRequest(prompt="a cat", height=32, width=32, num_frames=17, steps=2).to_dict()
+    other.submit(request, 1)
+    with pytest.raises(QueueFull):  # the store's own exceptions cross the actor boundary as themselves
+        other.submit(request, 1)
+    job_id, _ = other.claim("test")
+    other.save_outputs(job_id, b"not really an mp4", {"id": job_id})
+    assert other.video_bytes(job_id) == b"not really an mp4"
+    assert (tmp_path / "other" / "videos" / f"{job_id}.mp4").read_bytes() == b"not really an mp4"
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_job(client):
     before = client.get("/healthz").json()["workers"]
@@ -288,3 +312,4 @@ def test_restart_keeps_jobs(client, config):
     serve.delete("fis")
     j = client.store.get(last)
     assert j["status"] == "failed" and j["error"].startswith("interrupted"), j
+
