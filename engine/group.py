@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import os
 
+from parallel import Degrees
+
 from .metrics import gpu_info
-from .request import GenerationRequest
+from .request import GenerationRequest, UserError
 from .video import to_uint8
 from .worker import Worker, WorkerConfig
 
 
 def ranks_of(cfg: WorkerConfig) -> int:
-    """Processes per render group: cfg x ulysses x ring (ulysses unset: 1)."""
-    return cfg.cfg_parallel * (cfg.ulysses or 1) * cfg.ring
+    """Processes per render group (a replica of parallel.Degrees; ulysses unset: 1)."""
+    try:
+        return Degrees(cfg=cfg.cfg_parallel, ulysses=cfg.ulysses or 1, ring=cfg.ring).replica
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 class GroupFailed(RuntimeError):

@@ -6,7 +6,6 @@ name through `execute`, so the model code path is identical everywhere.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from fis import UNIT, DiTDims, generation_flops
-from parallel import Degrees, init_parallel, parallelize_pipeline
+from parallel import Degrees, init_parallel, parallelize_pipeline, world_size_from_env
 
 from . import metrics as M
 from .adapters import ADAPTERS
@@ -52,8 +51,7 @@ class WorkerConfig:
     dp: int = 1  # replicas rendering different videos (batch rendering under torchrun)
 
     def degrees(self) -> Degrees:
-        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-        ulysses = self.ulysses or max(1, world // (self.dp * self.cfg_parallel * self.ring))
+        ulysses = self.ulysses or max(1, world_size_from_env() // (self.dp * self.cfg_parallel * self.ring))
         return Degrees(cfg=self.cfg_parallel, ulysses=ulysses, ring=self.ring, dp=self.dp)
 
 

@@ -48,12 +48,12 @@ def main(argv=None) -> int:
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
     cfg = dataclasses.replace(worker_config(a), ulysses=1 if a.ulysses is None else a.ulysses)
-    ranks = ranks_of(cfg)
     try:
         if a.fis.lower() not in FIS_NAMES:
             raise UserError(f"--fis must be one of {', '.join(FIS_NAMES)}, got {a.fis!r}")
-        if min(ranks, a.groups or 1) < 1:
-            raise UserError("--ulysses, --ring, --cfg-parallel and --groups must be >= 1")
+        ranks = ranks_of(cfg)  # checks the degrees
+        if (a.groups or 1) < 1:
+            raise UserError("--groups must be >= 1")
         if world % ranks:
             raise UserError(f"{world} process(es) cannot form render groups of {ranks}: run under torchrun with "
                             f"a multiple of {ranks} processes, or with --ray")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -23,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch
 
 from engine.archs import MODELS, TINY_VIDEO
-from engine.bench import build_setup, denoise, set_backend
+from engine.bench import build_setup, denoise, fidelity, set_backend
 from engine.fis_hooks import apply_fis, remove_fis
 from engine.presets import load_fis, model_family
 from engine.video import write_json
-from parallel import Degrees, ParallelContext, destroy_parallel, init_parallel, parallelize_transformer
+from parallel import (Degrees, ParallelContext, destroy_parallel, init_parallel, parallelize_transformer,
+                      world_size_from_env)
 
 def rows(spec) -> dict:
     """Dense and the model's FIS-Balanced preset (configs/fis/, as launch/generate.py and launch/bench.py use)."""
@@ -80,10 +80,6 @@ class Attached:
                 remove_fis(m)
 
 
-def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def measure(s, ctx, row: str, shard: str, attention: str, o, ref=None) -> dict:
     out = {"row": row, "shard": shard, "attention": attention, "status": "ok"}
     if attention == "xfuser" and importlib.util.find_spec("xfuser") is None:
@@ -99,7 +95,7 @@ def measure(s, ctx, row: str, shard: str, attention: str, o, ref=None) -> dict:
         step_s = [statistics.median(r[1][i] for r in runs) for i in range(o.steps)]
         out.update(step_s=step_s, total_s=sum(step_s))
         if ref is not None:
-            out["rel_l2_vs_1gpu"] = rel_l2(runs[-1][0], ref)
+            out["rel_l2_vs_1gpu"] = fidelity(runs[-1][0], ref)["rel_l2"]
         if s.device.type == "cuda":
             out["peak_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
     except Exception as e:  # noqa: BLE001 - a row's failure (OOM, uneven sizes under xfuser) is its status
@@ -154,7 +150,7 @@ def profile(s, ctx, shard: str, attention: str, o) -> dict:
 
 def main(argv=None) -> dict | None:
     o = parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     if world % o.ring:
         raise SystemExit(f"sp_bench: error: ring degree {o.ring} does not divide {world} processes")
     ctx = init_parallel(Degrees(ulysses=world // o.ring, ring=o.ring))

@@ -8,12 +8,12 @@ FIS-friendly token layout, plus CFG parallelism.
     handle.remove(); remove_fis(pipe.transformer)             # undo in reverse order
 """
 
-from .context import ParallelContext, destroy_parallel, init_parallel
+from .context import ParallelContext, destroy_parallel, init_parallel, world_size_from_env
 from .degrees import AXES, Degrees
 from .layout import MODES, TokenLayout
 from .pipeline import ParallelHandle, parallelize_pipeline, parallelize_transformer
 
 __all__ = [
     "AXES", "MODES", "Degrees", "ParallelContext", "ParallelHandle", "TokenLayout", "destroy_parallel",
-    "init_parallel", "parallelize_pipeline", "parallelize_transformer",
+    "init_parallel", "parallelize_pipeline", "parallelize_transformer", "world_size_from_env",
 ]

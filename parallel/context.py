@@ -79,7 +79,8 @@ class ParallelContext:
             dist.barrier()
 
 
-def _world_size_from_env() -> int:
+def world_size_from_env() -> int:
+    """Processes of this launch: the process group's, else torchrun's WORLD_SIZE (1 when not launched)."""
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -89,7 +90,7 @@ def init_parallel(degrees: Degrees, backend: str | None = None) -> ParallelConte
     Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK. Calling it again with the same degrees returns the same
     context; other degrees get a second mesh over the same processes (tests use this).
     """
-    degrees.validate(_world_size_from_env())
+    degrees.validate(world_size_from_env())
     cuda = torch.cuda.is_available()
     if degrees.ring > 1 and not cuda:
         # diffusers' ring merges partial results by log-sum-exp, which only its CUDA backends return
