@@ -21,7 +21,7 @@ from .worker import Worker, WorkerConfig
 def ranks_of(cfg: WorkerConfig) -> int:
     """Processes per render group (a replica of parallel.Degrees; ulysses unset: 1)."""
     try:
-        return Degrees(cfg=cfg.cfg_parallel, ulysses=cfg.ulysses or 1, ring=cfg.ring).replica
+        return Degrees(cfg=cfg.cfg_parallel, ulysses=1 if cfg.ulysses is None else cfg.ulysses, ring=cfg.ring).replica
     except ValueError as e:
         raise UserError(str(e)) from None
 

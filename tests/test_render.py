@@ -107,3 +107,15 @@ def test_batch_on_ray_resume_and_torchrun(tiny_path, tmp_path):
     assert sorted(s["done_ids"]) == sorted([ids[2], ids[4]])
     for n in (2, 4):
         assert (read_mp4(out / f"{ids[n]}.mp4") == frames[n]).all()
+
+
+def test_bad_degrees_are_refused_before_work(tmp_path, capsys):
+    from launch.render import main
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a cat"}\n')
+    with pytest.raises(SystemExit) as e:
+        main([str(manifest), "--output-dir", str(tmp_path / "out"), "--ulysses", "0"])
+    assert e.value.code == 2
+    assert "ulysses must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
