@@ -8,6 +8,9 @@
     GET    /healthz                 per-worker liveness (+ GPU memory/utilisation through NVML); 503 if not ready
     GET    /v1/models
 
+A request's `image` (base64 PNG/JPEG/WebP, for image-to-video models) has its own allowance (limits.max_image_kib,
+decoded); everything else in the body counts against serve.max_body_kib.
+
 Errors are JSON {"error": {"message", "type", "param"}}: 400 unreadable body, 413 body too large,
 422 invalid field (param names it), 404 unknown id, 409 video not ready, 429 queue full.
 Ray-free: the app wraps a VideoService (engine/service.py).
@@ -40,6 +43,7 @@ def _error(status: int, kind: str, message: str, param=None, headers=None) -> JS
 def create_app(service) -> FastAPI:
     app = FastAPI(title="FIS video engine", version="1")
     limit = service.config.serve.max_body_kib * 1024
+    image_allowance = service.config.limits.max_image_kib * 1024 * 4 // 3 + 256  # base64 + a data: URL prefix
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
@@ -57,7 +61,7 @@ def create_app(service) -> FastAPI:
 
     @app.post("/v1/videos", status_code=202)
     async def create_video(request: Request):
-        body = await _read_json(request, limit)
+        body = await _read_json(request, limit, image_allowance)
         try:
             return await run_in_threadpool(service.submit, body)
         except FieldError as e:
@@ -107,6 +111,7 @@ def create_app(service) -> FastAPI:
             "id": c.model_name, "object": "model", "owned_by": "fis-engine", **service.describe,
             "replicas": c.serve.replicas, "default_fis": c.serve.fis,
             "limits": vars(c.limits), "default_size": list(service.info.default_size),
+            "image_to_video": service.info.needs_image,
             "default_frames": service.info.default_frames}]}
 
     return app
@@ -120,18 +125,27 @@ def _job(service, video_id: str) -> dict:
     return job
 
 
-async def _read_json(request: Request, limit: int):
-    """The body, refused past `limit` bytes before it is all read (Content-Length first, then as it streams)."""
+async def _read_json(request: Request, limit: int, image_allowance: int = 0):
+    """The body, refused past `limit` + `image_allowance` bytes before it is all read (Content-Length first, then
+    as it streams); once parsed, everything but the image must fit in `limit`."""
+    total = limit + image_allowance
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "request_too_large", f"request body is {declared} bytes; the limit is {limit}")
+    if declared is not None and declared.isdigit() and int(declared) > total:
+        raise ApiError(413, "request_too_large", f"request body is {declared} bytes; the limit is {total} "
+                                                 f"(an image included)")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+        if size > total:
+            raise ApiError(413, "request_too_large", f"request body exceeds the limit of {total} bytes "
+                                                     f"(an image included)")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks))
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
         raise ApiError(400, "invalid_request_error", f"request body is not valid JSON: {e}", "body") from None
+    image = body.get("image") if isinstance(body, dict) else None
+    if size - (len(image) if isinstance(image, str) else 0) > limit:
+        raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes (not counting "
+                                                 f"the image)")
+    return body

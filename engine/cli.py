@@ -42,7 +42,7 @@ def fail(message: str, prog: str = "generate") -> None:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="pipeline folder or hub id (default: the embedded tiny model, built locally)")
+    g.add_argument("--model", help="pipeline folder or hub id (default: the embedded model, engine/weights/shapes-wan)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     g.add_argument("--lora", help="LoRA for transformer (Wan 2.2: high-noise expert)")
@@ -71,9 +71,12 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int)
     g.add_argument("--resolution", choices=sorted(RESOLUTIONS), help="480p (832x480) or 720p (1280x720)")
     g.add_argument("--steps", type=int, default=4)
-    g.add_argument("--guidance", type=float, default=1.0)
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 1.0 for most)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--image", help="reference image for image-to-video models")
+    g.add_argument("--image", help="reference image (PNG, JPEG, WebP) for image-to-video models")
+    g.add_argument("--image-fit", default="crop", choices=["crop", "stretch", "strict"],
+                   help="image vs video size: crop (scale to cover, centre crop; default), stretch, "
+                        "strict (must already be the video size)")
     f = p.add_argument_group("FIS")
     f.add_argument("--fis", default="off", help="off, balanced, fast, or a preset .toml (see configs/fis/)")
     f.add_argument("--fis-stride", type=int)
@@ -104,7 +107,7 @@ def request(a, family: str) -> GenerationRequest:
         raise UserError("give either --resolution or --height/--width, not both")
     return GenerationRequest(prompt=a.prompt, negative_prompt=a.negative_prompt, height=h, width=w,
                              num_frames=a.frames, steps=a.steps, guidance=a.guidance, seed=a.seed, fis=fis,
-                             image=a.image)
+                             image=a.image, image_fit=a.image_fit)
 
 
 def check_output(path: str, suffix: str = ".mp4") -> Path:

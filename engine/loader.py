@@ -32,12 +32,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_model(model: str | None) -> str:
-    """None -> the embedded tiny model (built locally on first use); a folder must be a pipeline."""
-    if model is None:
-        from .tiny import ensure_tiny
+EMBEDDED = Path(__file__).resolve().parent / "weights" / "shapes-wan"  # launch/train_shapes.py made it (issue 6)
+DEFAULTS_FILE = "engine_defaults.json"  # a model folder's own default size, frames, steps (the embedded model has one)
 
-        return str(ensure_tiny("t2v"))
+
+def resolve_model(model: str | None) -> str:
+    """None -> the embedded model shipped in the repository; a folder must be a pipeline."""
+    if model is None:
+        return str(EMBEDDED)
     p = Path(model).expanduser()
     if p.exists():
         if not (p / "model_index.json").is_file():
@@ -59,6 +61,8 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype):
             raise UserError(f"unknown random model {name!r}; valid: {', '.join('random:' + m for m in MODELS)}")
         return build_random_pipeline(name, device)
     src = resolve_model(model)
+    from . import patch_vae  # noqa: F401  the embedded model's VAE class; diffusers loads only imported modules
+
     try:
         pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype)
     except (OSError, ValueError, json.JSONDecodeError) as e:
@@ -120,18 +124,37 @@ def set_scheduler(pipe, name: str = "default", shift: float | None = None) -> No
 
 
 def model_info(pipe) -> ModelInfo:
+    from .adapters import ADAPTERS
+
     t = transformers_of(pipe)[0]
     cfg = t.config
+    adapter = ADAPTERS[type(t).__name__]
     needs_image = "image" in inspect.signature(type(pipe).__call__).parameters
     real = cfg.num_attention_heads * cfg.attention_head_dim >= 1536
+    vae_s = getattr(pipe, "vae_scale_factor_spatial", 8)
+    # real sizes for real models (Wan 480p; HunyuanVideo its own 16:9 size at its resolution, 848x480 for the
+    # 480p model); a CPU-friendly size for small (embedded/test) models
+    size = (480, 832) if real else (128, 128)
+    if real and adapter.name == "hunyuanvideo1.5":
+        from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+        size = tuple(HunyuanVideo15ImageProcessor(vae_scale_factor=vae_s).calculate_default_height_width(
+            9, 16, cfg.target_size))
+    frames, guidance = (81 if real else 33), 1.0
+    own = Path(pipe.config.get("_name_or_path") or "") / DEFAULTS_FILE
+    if own.is_file():  # the model knows its trained size and guidance better than any guess
+        d = json.loads(own.read_text())
+        size, frames = (int(d["height"]), int(d["width"])), int(d["num_frames"])
+        guidance = float(d.get("guidance", 1.0))
     return ModelInfo(
         num_blocks=cfg.num_layers,
         vae_t=getattr(pipe, "vae_scale_factor_temporal", 4),
-        vae_s=getattr(pipe, "vae_scale_factor_spatial", 8),
-        patch=tuple(cfg.patch_size),
+        vae_s=vae_s,
+        patch=tuple(adapter.patch(cfg)),
         family=model_family(cfg),
         needs_image=needs_image,
-        # real Wan sizes for real models; a CPU-friendly size for small (embedded/test) models
-        default_size=(480, 832) if real else (128, 128),
-        default_frames=81 if real else 33,
+        arch=adapter.name,
+        default_size=size,
+        default_frames=frames,
+        default_guidance=guidance,
     )

@@ -11,16 +11,19 @@ PRESETS = ("balanced", "fast")
 
 
 def model_family(transformer_config) -> str:
-    """Which preset family a Wan transformer config belongs to (by architecture, not by name)."""
+    """Which preset family a transformer config belongs to (by architecture, not by name). HunyuanVideo 1.5
+    configs have an integer patch_size plus patch_size_t, Wan's have ffn_dim; a size of the other
+    architecture never picks up its presets. Anything else (the tiny test models): 'default'."""
     c = transformer_config
     dim = c["num_attention_heads"] * c["attention_head_dim"]
-    if c["num_layers"] == 40 and dim == 5120:
+    wan, hunyuan = "patch_size_t" not in c, "ffn_dim" not in c
+    if wan and c["num_layers"] == 40 and dim == 5120:
         return "wan-14b"
-    if c["num_layers"] == 30 and dim == 3072:
+    if wan and c["num_layers"] == 30 and dim == 3072:
         return "wan-5b"
-    if c["num_layers"] == 30 and dim == 1536:
+    if wan and c["num_layers"] == 30 and dim == 1536:
         return "wan-1.3b"
-    if c["num_layers"] == 54 and dim == 2048:
+    if hunyuan and c["num_layers"] == 54 and dim == 2048:
         return "hunyuanvideo1.5-8b"
     return "default"
 

@@ -2,7 +2,8 @@
 
 Each line is a request with the HTTP API's fields (engine/schema.py) plus an optional "id" (letters,
 digits, '.', '_', '-'), which names the outputs: ID.mp4 and ID.metrics.json. A line without an id is named by
-a hash of its request and the model, so editing or reordering lines never reuses a stale video.
+a hash of its request and the model, so editing or reordering lines never reuses a stale video. A line's
+"image" is a file path relative to the manifest's folder; its content is part of the key.
 
 Resumable: a line whose metrics file exists and records the same request key is skipped; files are written
 to a temporary name and renamed (mp4 first, metrics last), so a killed run leaves nothing that looks done.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .images import digest
 from .request import GenerationRequest, UserError
 from .schema import FieldError, parse
 from .video import write_json, write_mp4
@@ -60,14 +62,16 @@ def read_manifest(path: Path, default_fis: str, model: dict) -> tuple[list[Item]
         obj, job_id = None, None
         try:
             obj = json.loads(text)
-            _, job_id = parse(obj, default_fis=default_fis, allow_id=True)
+            req, job_id = parse(obj, default_fis=default_fis, allow_id=True, image_root=path.parent)
         except (ValueError, RecursionError) as e:
             reason = e.args[0] if isinstance(e, FieldError) else f"not valid JSON: {e}"
             bad.append({"line": n, "id": obj.get("id") if isinstance(obj, dict) else None, "reason": reason})
             continue
         request = {k: v for k, v in obj.items() if k != "id"}
-        key = hashlib.sha256(json.dumps({"request": request, "default_fis": default_fis, "model": model},
-                                        sort_keys=True).encode()).hexdigest()
+        identity = {"request": request, "default_fis": default_fis, "model": model}
+        if req.image:  # the image's content, not only its path: an edited image renders again
+            identity["image_sha256"] = digest(req.image)
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         job_id = job_id or key[:16]
         if job_id in seen:
             bad.append({"line": n, "id": job_id, "reason": f"duplicate id {job_id!r} (also on line {seen[job_id]})"})
@@ -115,7 +119,8 @@ class Batch:
 
     def request(self, item: Item, family: str) -> GenerationRequest:
         """The line's request with the model family's FIS presets (the id plays no part)."""
-        return parse(item.obj, default_fis=self.default_fis, family=family, allow_id=True)[0]
+        return parse(item.obj, default_fis=self.default_fis, family=family, allow_id=True,
+                     image_root=self.manifest.parent)[0]  # the image read again: items stay small
 
     # ---- outcomes (called by whoever rendered the line: a Ray group thread, or a group leader) --------------
     def next_item(self) -> Item | None:

@@ -29,8 +29,10 @@ class ModelInfo:
     patch: tuple[int, int, int]
     family: str = "default"
     needs_image: bool = False
+    arch: str = "wan"  # the FIS adapter's name: wan, hunyuanvideo1.5
     default_size: tuple[int, int] = (480, 832)
     default_frames: int = 81
+    default_guidance: float = 1.0
 
     @property
     def size_multiple(self) -> int:
@@ -48,15 +50,22 @@ class GenerationRequest:
     width: int | None = None
     num_frames: int | None = None
     steps: int = 4
-    guidance: float = 1.0
+    guidance: float | None = None  # None: the model's default (1.0 unless its folder says otherwise)
     seed: int = 0
     fis: FISConfig | None = None
-    image: str | None = None  # path of the reference image (I2V)
+    image: str | None = None  # reference image (I2V): a file path or a data: URL (engine/images.py)
+    image_fit: str = "crop"  # crop, stretch or strict: how the image meets the video size
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fis"] = None if self.fis is None else self.fis.to_dict()
         return d
+
+    def describe(self) -> dict:
+        """to_dict for records people read (metrics): an embedded image as its format, size and hash."""
+        from .images import describe
+
+        return {**self.to_dict(), "image": describe(self.image)}
 
 
 def _int(name, v, lo, hi):
@@ -86,15 +95,26 @@ def validate(req: GenerationRequest, info: ModelInfo) -> GenerationRequest:
         lo = (frames - 1) // info.vae_t * info.vae_t + 1
         raise UserError(f"num_frames must be of the form {info.vae_t}k+1 (e.g. {lo} or {lo + info.vae_t}), got {frames}")
     _int("steps", req.steps, 1, 1000)
-    if isinstance(req.guidance, bool) or not isinstance(req.guidance, (int, float)) or not 0 <= req.guidance <= 50:
-        raise UserError(f"guidance must be a number between 0 and 50, got {req.guidance!r}")
+    guidance = info.default_guidance if req.guidance is None else req.guidance
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 50:
+        raise UserError(f"guidance must be a number between 0 and 50, got {guidance!r}")
     _int("seed", req.seed, 0, 2**63 - 1)
+    from .images import FITS, prepare
+
+    if not isinstance(req.image_fit, str) or req.image_fit not in FITS:
+        raise UserError(f"image_fit must be one of {', '.join(FITS)}, got {req.image_fit!r}")
+    if req.image is not None and not isinstance(req.image, str):
+        raise UserError(f"image must be a path or a data: URL, got {type(req.image).__name__}")
     if info.needs_image and not req.image:
-        raise UserError("this is an image-to-video model: give a reference image (--image)")
+        raise UserError("image is required: this is an image-to-video model; give a reference image")
+    if req.image and not info.needs_image:
+        raise UserError("image is not accepted: this is a text-to-video model; drop the reference image")
+    if req.image:
+        prepare(req.image, h, w, req.image_fit)  # exists, decodes, fits (image_fit strict: the size matches)
     if req.fis is not None:
         try:
             req.fis.resolve(info.num_blocks, info.latent_frames(frames), req.steps)
         except FISConfigError as e:
             raise UserError(str(e)) from None
-    return GenerationRequest(req.prompt, req.negative_prompt, h, w, frames, req.steps, float(req.guidance), req.seed,
-                             req.fis, req.image)
+    return GenerationRequest(req.prompt, req.negative_prompt, h, w, frames, req.steps, float(guidance), req.seed,
+                             req.fis, req.image, req.image_fit)

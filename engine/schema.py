@@ -2,21 +2,25 @@
 
 One schema for both entry points, so a POST body and a manifest line accept and reject the same things.
 Every error is a FieldError naming the JSON field, raised before any work. FIS is chosen by preset name
-(plus overrides), never by file path: a request must not make the server read a file it names.
+(plus overrides), never by file path: a request must not make the server read a file it names. For the same
+reason an HTTP request's `image` is the image itself (base64, or a data: URL); only a manifest line names an
+image file, relative to the manifest's folder, and it is embedded in the request as it is read.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from fis import FISConfig, FISConfigError
 
+from . import images
 from .presets import PRESETS, build_fis
 from .request import MAX_FRAMES, MAX_SIDE, RESOLUTIONS, GenerationRequest, ModelInfo, UserError, validate
 
 FIELDS = ("prompt", "negative_prompt", "size", "height", "width", "num_frames", "num_inference_steps",
-          "guidance_scale", "seed", "fis")
+          "guidance_scale", "seed", "fis", "image", "image_fit")
 FIS_OVERRIDES = ("stride", "blocks", "dense_steps", "operator")
 FIS_NAMES = ("off", *PRESETS)
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a file name on every OS: no separators, no leading dot
@@ -40,11 +44,13 @@ class Limits:
     max_side: int = MAX_SIDE
     max_frames: int = MAX_FRAMES
     max_steps: int = 1000
+    max_image_kib: int = 8192  # the decoded reference image
 
 
 def parse(obj, limits: Limits = Limits(), default_fis: str = "off", family: str = "default",
-          allow_id: bool = False) -> tuple[GenerationRequest, str | None]:
-    """A decoded JSON object -> (request, its 'id' or None). Model-dependent checks come later (check_for)."""
+          allow_id: bool = False, image_root: Path | None = None) -> tuple[GenerationRequest, str | None]:
+    """A decoded JSON object -> (request, its 'id' or None). Model-dependent checks come later (check_for).
+    image_root: a manifest's folder, where `image` paths are read from; None (HTTP): `image` is base64 only."""
     if not isinstance(obj, dict):
         raise FieldError("body", f"the request must be a JSON object, got {type(obj).__name__}")
     allowed = (*FIELDS, "id") if allow_id else FIELDS
@@ -70,10 +76,14 @@ def parse(obj, limits: Limits = Limits(), default_fis: str = "off", family: str 
         width=width,
         num_frames=_int(obj, "num_frames", None, 1, limits.max_frames),
         steps=_int(obj, "num_inference_steps", 4, 1, limits.max_steps),
-        guidance=_number(obj, "guidance_scale", 1.0, 0, 50),
+        guidance=_number(obj, "guidance_scale", None, 0, 50),
         seed=_int(obj, "seed", 0, 0, 2**63 - 1),
         fis=_fis(obj.get("fis", default_fis), default_fis, family),
+        image=_image(obj, limits, image_root),
+        image_fit=_str(obj, "image_fit", "crop"),
     )
+    if req.image_fit not in images.FITS:
+        raise FieldError("image_fit", f"image_fit must be one of {', '.join(images.FITS)}, got {_show(req.image_fit)}")
     return req, job_id
 
 
@@ -95,7 +105,8 @@ def api_view(d: dict) -> dict:
     """A stored request (GenerationRequest.to_dict) under the API's field names, model defaults filled in."""
     return {"prompt": d["prompt"], "negative_prompt": d["negative_prompt"], "size": f"{d['width']}x{d['height']}",
             "num_frames": d["num_frames"], "num_inference_steps": d["steps"], "guidance_scale": d["guidance"],
-            "seed": d["seed"], "fis": d["fis"]}
+            "seed": d["seed"], "fis": d["fis"], "image": images.describe(d.get("image")),
+            "image_fit": d.get("image_fit", "crop")}
 
 
 def request_from_dict(d: dict) -> GenerationRequest:
@@ -126,6 +137,8 @@ def _int(obj, name, default, lo, hi):
 
 def _number(obj, name, default, lo, hi):
     v = obj.get(name, default)
+    if v is None and default is None:  # not given: the model's own default applies (request.validate)
+        return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise FieldError(name, f"{name} must be a number, got {_show(v)}")
     if not lo <= v <= hi:  # also rejects NaN, which json accepts
@@ -150,6 +163,25 @@ def _size(obj, limits: Limits) -> tuple[int | None, int | None]:
         if not 1 <= v <= limits.max_side:
             raise FieldError("size", f"size sides must be between 1 and {limits.max_side}, got {s!r}")
     return h, w
+
+
+def _image(obj, limits: Limits, root: Path | None) -> str | None:
+    """-> a data: URL of a checked PNG/JPEG/WebP, or None. HTTP: base64 only; manifest: a path under root (or a
+    data: URL)."""
+    v = obj.get("image")
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v.strip():
+        raise FieldError("image", f"image must be a base64 string{'' if root is None else ' or a file path'}, "
+                                  f"got {_show(v)}")
+    max_bytes = limits.max_image_kib * 1024
+    try:
+        if root is None or images.is_data(v):
+            return images.embed(images.decode_base64(v, max_bytes))
+        shown = f"image {v!r}"
+        return images.embed(images.read_file(Path(root) / v, v, max_bytes), shown)
+    except UserError as e:
+        raise FieldError("image", str(e)) from None
 
 
 def _fis(spec, default: str, family: str) -> FISConfig | None:

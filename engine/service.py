@@ -55,7 +55,7 @@ class ServeConfig:
 
     @property
     def model_name(self) -> str:
-        return self.model.model or "embedded-tiny"
+        return self.model.model or "embedded:shapes-wan"
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG, overrides=()) -> ServeConfig:

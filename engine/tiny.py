@@ -23,7 +23,7 @@ _VOCAB_TEXT = (
 )
 
 
-def build_tokenizer(max_length: int = 32):
+def build_tokenizer(max_length: int = 32, vocab_text: str = _VOCAB_TEXT):
     """A word-level tokenizer trained offline with `tokenizers`, wrapped for transformers."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -32,7 +32,7 @@ def build_tokenizer(max_length: int = 32):
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"])
-    tok.train_from_iterator([_VOCAB_TEXT], trainer)
+    tok.train_from_iterator([vocab_text], trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
     )

@@ -13,17 +13,17 @@ import torch
 import torch.distributed as dist
 
 from fis import UNIT, DiTDims, generation_flops
-from parallel import Degrees, init_parallel, parallelize_pipeline, world_size_from_env
+from parallel import Degrees, drop_text_padding, init_parallel, parallelize_pipeline, world_size_from_env
 
 from . import metrics as M
 from .adapters import ADAPTERS
 from .compile import compile_blocks
 from .fis_hooks import FISState, apply_fis
+from .images import prepare as prepare_image
 from .loader import (load_loras, load_pipeline, model_info, pick_device, pick_dtype, set_scheduler,
                      transformers_of)
+from .pipelines import PipelineCall
 from .request import GenerationRequest, UserError, validate
-
-MAX_SEQUENCE_LENGTH = 512  # Wan's text length (umT5 tokens)
 
 
 class Cancelled(Exception):
@@ -32,7 +32,7 @@ class Cancelled(Exception):
 
 @dataclass
 class WorkerConfig:
-    model: str | None = None  # pipeline folder or hub id; None = the embedded tiny model
+    model: str | None = None  # pipeline folder or hub id; None = the embedded model (engine/weights)
     device: str = "auto"
     dtype: str = "auto"
     lora: str | None = None  # -> transformer (Wan 2.2: high-noise expert)
@@ -74,6 +74,7 @@ class Worker:
             found = type(self.transformers[0]).__name__ if self.transformers else "no transformer"
             raise UserError(f"{type(self.pipe).__name__} ({found}) is not supported; supported models: {supported}")
         self.info = model_info(self.pipe)
+        self.call = PipelineCall(self.pipe, self.info.arch)
         if cfg.attention_backend and not self.ctx.is_distributed:
             for t in self.transformers:
                 t.set_attention_backend(cfg.attention_backend)
@@ -84,6 +85,12 @@ class Worker:
         self.fis = FISState(None, self.info.num_blocks)  # one state for both experts
         for t in self.transformers:
             apply_fis(t, None, self.fis)
+        if self.info.arch == "hunyuanvideo1.5":
+            # diffusers builds a dense [B, 1, S, S] text mask in every block (1.2 GiB at 480p/81 frames) and SDPA
+            # then takes a slow kernel: dropping the padding instead made the 8B dense forward 2.7x faster (H100,
+            # docs/benchmarks.md), same output.
+            for t in self.transformers:
+                drop_text_padding(t)
         self.parallel = None
         if self.ctx.is_distributed:  # after FIS: the frame layout wraps the FIS block hooks
             try:
@@ -102,8 +109,9 @@ class Worker:
     def describe(self) -> dict:
         t = self.transformers[0]
         d = self.ctx.degrees
-        return {"model": self.cfg.model or "embedded-tiny", "pipeline": type(self.pipe).__name__,
-                "experts": len(self.transformers), "blocks": self.info.num_blocks, "family": self.info.family,
+        return {"model": self.cfg.model or "embedded:shapes-wan", "pipeline": type(self.pipe).__name__,
+                "arch": self.info.arch, "image_to_video": self.info.needs_image, "experts": len(self.transformers),
+                "blocks": self.info.num_blocks, "family": self.info.family,
                 "device": str(self.device), "dtype": str(t.dtype), "world_size": self.ctx.world_size,
                 "degrees": {"cfg": d.cfg, "ulysses": d.ulysses, "ring": d.ring},
                 "shard": self.cfg.shard if self.ctx.is_distributed else None}
@@ -113,8 +121,10 @@ class Worker:
 
     def dims(self) -> DiTDims:
         """The architecture as the FLOPs counter sees it."""
-        return DiTDims.from_wan_config(dict(self.transformers[0].config), vae_s=self.info.vae_s,
-                                       vae_t=self.info.vae_t, text_len=MAX_SEQUENCE_LENGTH)
+        cfg, vae = dict(self.transformers[0].config), dict(vae_s=self.info.vae_s, vae_t=self.info.vae_t)
+        if self.info.arch == "hunyuanvideo1.5":
+            return DiTDims.from_hunyuan15_config(cfg, **vae)
+        return DiTDims.from_wan_config(cfg, **vae, text_len=self.call.text_len())
 
     def flops(self, req: GenerationRequest, fis=None) -> float:
         dims = self.dims()
@@ -130,11 +140,13 @@ class Worker:
         'metrics': dict}."""
         req = self.validate(req)
         dev, pipe = self.device, self.pipe
+        extra = {}
+        if self.info.needs_image:  # fitted to the video size: the pipelines' own resizing has nothing left to do
+            extra["image"] = prepare_image(req.image, req.height, req.width, req.image_fit)
         M.reset_peak(dev)
         t_start = M.now(dev)
         cfg = req.guidance > 1.0
-        pos, neg = pipe.encode_prompt(req.prompt, req.negative_prompt or None, do_classifier_free_guidance=cfg,
-                                      max_sequence_length=MAX_SEQUENCE_LENGTH, device=dev)
+        text = self.call.encode_text(req.prompt, req.negative_prompt, cfg, dev)
         t_loop = M.now(dev)
         steps_s, final = [], {}
 
@@ -151,16 +163,14 @@ class Worker:
                 raise Cancelled()
             return {}
 
-        extra = {}
-        if self.info.needs_image:
-            extra["image"] = load_image(req.image)
+        extra.update(**text, **self.call.guidance(req.guidance), **self.call.size(req.height, req.width))
         self.fis.begin(req.steps, req.fis)
         try:
-            out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=req.height, width=req.width,
-                       num_frames=req.num_frames, num_inference_steps=req.steps, guidance_scale=req.guidance,
-                       generator=torch.Generator("cpu").manual_seed(req.seed),  # same noise on every rank
-                       output_type="np" if decode and self.ctx.is_leader else "latent",  # the leader decodes
-                       callback_on_step_end=on_step_end, **extra)
+            with self.call.on_step_end(on_step_end) as callback:
+                out = pipe(num_frames=req.num_frames, num_inference_steps=req.steps,
+                           generator=torch.Generator("cpu").manual_seed(req.seed),  # same noise on every rank
+                           output_type="np" if decode and self.ctx.is_leader else "latent",  # the leader decodes
+                           **callback, **extra)
         finally:
             self.fis.begin(1, None)
         t_end = M.now(dev)
@@ -168,10 +178,10 @@ class Worker:
         used = self.flops(req, req.fis)
         loop_s = sum(steps_s)
         metrics = {
-            "request": req.to_dict(),
+            "request": req.describe(),
             "worker": self.describe(),
             "latency_s": t_end - t_start,
-            "text_encode_s": t_loop - t_start,
+            "text_encode_s": t_loop - t_start,  # every text encoder, both CFG branches; I2V image encoding is in step 0
             "denoise_s": loop_s,
             "decode_s": t_end - t_loop - loop_s,
             "step_s": steps_s,
@@ -199,18 +209,6 @@ class Worker:
             dist.broadcast(t, src=self.ctx.leader_rank(), group=self.ctx.replica_group)
             flag = bool(t.item())
         return flag
-
-
-def load_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"image {path!r} does not exist") from None
-    except (UnidentifiedImageError, OSError):
-        raise UserError(f"image {path!r} is not a readable image") from None
 
 
 def versions() -> dict:

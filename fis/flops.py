@@ -49,6 +49,25 @@ class DiTDims:
             vae_s=vae_s,
         )
 
+    @classmethod
+    def from_hunyuan15_config(cls, cfg: dict, vae_s: int = 16, vae_t: int = 4, text_len: int = 256) -> "DiTDims":
+        """HunyuanVideo15Transformer3DModel's config. text_len: context tokens counted in joint attention (256,
+        as HUNYUAN_VIDEO_15 below: the paper's count)."""
+        dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        return cls(
+            num_layers=cfg["num_layers"],
+            dim=dim,
+            ffn_dim=int(dim * cfg.get("mlp_ratio", 4.0)),
+            in_channels=cfg["in_channels"],
+            out_channels=cfg.get("out_channels") or cfg["in_channels"],
+            patch=(cfg.get("patch_size_t", 1), cfg["patch_size"], cfg["patch_size"]),
+            text_len=text_len,
+            text_dim=cfg["text_embed_dim"],
+            vae_t=vae_t,
+            vae_s=vae_s,
+            joint=True,
+        )
+
     def latent_grid(self, frames: int, height: int, width: int) -> tuple[int, int]:
         """(latent frames after patching, tokens per frame)."""
         f = ((frames - 1) // self.vae_t + 1) // self.patch[0]

@@ -32,8 +32,10 @@ def main(argv=None) -> int:
         out = check_output(a.output)
         if not a.prompt.strip():
             raise UserError("prompt must be a non-empty string")
-        if a.image and not Path(a.image).is_file():
-            raise UserError(f"image {a.image!r} does not exist")
+        if a.image:  # a missing or unreadable image fails before the model loads
+            from engine.images import load
+
+            load(a.image)
         from engine.worker import Worker
 
         worker = Worker(worker_config(a))

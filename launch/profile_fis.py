@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     r.add_argument("--height", type=int)
     r.add_argument("--width", type=int)
     r.add_argument("--steps", type=int, default=4)
-    r.add_argument("--guidance", type=float, default=1.0)
+    r.add_argument("--guidance", type=float, help="default: the model's")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True)
     r.add_argument("--overwrite", action="store_true")

@@ -23,6 +23,7 @@ import torch
 
 from engine.archs import MODELS, TINY_VIDEO
 from engine.bench import build_setup, denoise, fidelity, set_backend
+from engine.compile import compile_blocks
 from engine.fis_hooks import apply_fis, remove_fis
 from engine.presets import load_fis, model_family
 from engine.video import write_json
@@ -44,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", default="spatial,frame")
     p.add_argument("--attention", default="diffusers,xfuser", help="xfuser rows are skipped where it is missing")
     p.add_argument("--attention-backend", default=None, help="diffusers backend name (default: torch SDPA)")
+    p.add_argument("--compile", default="off", choices=["off", "static"],
+                   help="torch.compile each block (under the FIS and SP hooks), as generate.py --compile")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--check", action="store_true", help="first resolution: rel L2 of each row vs this GPU alone")
@@ -158,14 +161,17 @@ def main(argv=None) -> dict | None:
     spec = MODELS[o.model].tiny() if o.tiny else MODELS[o.model]
     resolutions = ["tiny"] if o.tiny else o.resolutions.split(",")
     shards, attentions = o.shards.split(","), o.attention.split(",")
-    report = {"model": spec.name, "world": world, "degrees": dataclasses.asdict(ctx.degrees), "rows": [],
+    report = {"model": spec.name, "world": world, "compile": o.compile, "torch": torch.__version__, "degrees": dataclasses.asdict(ctx.degrees), "rows": [],
               "gpu": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"}
     say = print if ctx.is_main else (lambda *a, **k: None)
     s = None
     for res in resolutions:
         frames, height, width = TINY_VIDEO if o.tiny else (o.frames, *spec.size(res))
         say(f"== {spec.name} {res}: {frames} frames {width}x{height}, {world} processes {ctx.degrees}", flush=True)
+        fresh = s is None
         s = setup_for(s, spec, frames, height, width, o)
+        if fresh and o.compile != "off":
+            compile_blocks(s.experts, o.compile)  # before any hook: the hooks stay eager around the graphs
         if o.attention_backend:
             for m in s.experts:
                 set_backend(m, o.attention_backend)

@@ -10,10 +10,11 @@ FIS-friendly token layout, plus CFG parallelism.
 
 from .context import ParallelContext, destroy_parallel, init_parallel, world_size_from_env
 from .degrees import AXES, Degrees
+from .joint import drop_text_padding
 from .layout import MODES, TokenLayout
 from .pipeline import ParallelHandle, parallelize_pipeline, parallelize_transformer
 
 __all__ = [
     "AXES", "MODES", "Degrees", "ParallelContext", "ParallelHandle", "TokenLayout", "destroy_parallel",
-    "init_parallel", "parallelize_pipeline", "parallelize_transformer", "world_size_from_env",
+    "drop_text_padding", "init_parallel", "parallelize_pipeline", "parallelize_transformer", "world_size_from_env",
 ]

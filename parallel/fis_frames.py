@@ -50,7 +50,9 @@ class FrameShardFISHook(FISBlockHook):
                 self.args.set(name, slice_frames(name, value, rule, v.anchors, v.num_frames, self.state._reused),
                               args, kwargs)
         with self.shard.uneven(len(set(v.sizes)) > 1):  # anchors per rank differ even when frames split evenly
-            y = fwd(*args, **kwargs)  # [B, A_r*HW, C]
+            y = fwd(*args, **kwargs)
+        i = self.adapter.output_index  # dual-stream blocks return (video, text): the text stream passes as is
+        y, outs = (y, None) if i is None else (y[i], y)  # y: [B, A_r*HW, C]
         residual = self.state.config.operator == "residual"
         d = y - x_a if residual else y  # what gets interpolated: anchor updates (residual) or outputs (linear)
         d_all = torch.cat(all_gather_varlen(d, 1, v.sizes, self.shard.ctx.sp_group), 1)  # [B, A*HW, C]
@@ -61,7 +63,7 @@ class FrameShardFISHook(FISBlockHook):
             out += hidden
             y_a = y.view(B, v.anchors.numel(), hw, C)
             out.view(B, v.num_frames, hw, C).index_copy_(1, v.anchors, y_a)  # anchors are the block's own output
-        return out
+        return out if i is None else (*outs[:i], out, *outs[i + 1:])
 
     def _view(self, anchors: tuple[int, ...], device) -> _AnchorView:
         layout = self.shard.layout

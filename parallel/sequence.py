@@ -3,11 +3,13 @@
 Each rank keeps a share of the video tokens (layout.py) from the patch embedding to the output projection:
   transformer  per-token inputs (Wan 2.2 TI2V timestep [B, N]) -> this rank's tokens
   patch embed  output [B, C, F, H, W] -> [B, C, N_r]; the model's own flatten(2).transpose(1, 2) gives [B, N_r, C]
-  rope         output (cos, sin), each [1, N, 1, D] -> [1, N_r, 1, D]
+  rope         output (cos, sin), each [1, N, 1, D] (Wan) or [N, D] (HunyuanVideo 1.5) -> this rank's N_r
   proj_out     output [B, N_r, C] -> all-gathered [B, N, C]: every rank gets the whole prediction
 Self-attention runs through diffusers' context-parallel dispatcher (Ulysses all-to-all, ring), enabled with an
-empty cp_plan because the split and gather above are ours. Cross-attention keeps its local queries against the
-replicated text context (Wan's processor passes no parallel config there), as in xDiT.
+empty cp_plan because the split and gather above are ours. Wan's cross-attention keeps its local queries against
+the replicated text context (its processor passes no parallel config there), as in xDiT. HunyuanVideo 1.5's
+joint attention over [video, text] gets joint.JointAttention, which adds each rank's slice of the replicated text
+to the sequence, so the gathered sequence holds every text token once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from engine.fis_hooks import BLOCK_HOOK, BlockArgs, FISBlockHook
 
 from .context import ParallelContext
 from .fis_frames import FrameShardFISHook
+from .joint import install_joint_attention
 from .layout import TokenLayout, all_gather_varlen
 
 INPUT_HOOK, EMBED_HOOK, ROPE_HOOK, OUTPUT_HOOK = "sp_input", "sp_embed", "sp_rope", "sp_output"
@@ -35,14 +38,21 @@ INPUT_HOOK, EMBED_HOOK, ROPE_HOOK, OUTPUT_HOOK = "sp_input", "sp_embed", "sp_rop
 class SPPlan:
     """Where a transformer's tokens are born, positioned and leave (module names), as data."""
 
-    embed: str  # output [B, C, F, H, W]: the patch-embedded video
-    rope: str  # output: tuple of per-token tables, each [1, N, 1, D]
+    embed: str  # output [B, C, F, H, W]: the patch-embedded video (the conv, before any flatten)
+    rope: str  # output: tuple of per-token tables, token axis rope_dim
     out: str  # output [B, N, C]: the last per-token layer before unpatchify
     per_token_inputs: tuple[str, ...] = ()  # transformer arguments shaped [B, N] when given per token
+    rope_dim: int = 1
+    joint: bool = False  # joint attention over [video, text]: the blocks get joint.JointAttention
 
 
-PLANS = {"WanTransformer3DModel": SPPlan(embed="patch_embedding", rope="rope", out="proj_out",
-                                         per_token_inputs=("timestep",))}
+PLANS = {
+    "WanTransformer3DModel": SPPlan(embed="patch_embedding", rope="rope", out="proj_out",
+                                    per_token_inputs=("timestep",)),
+    # x_embedder.proj is the Conv3d; x_embedder's own flatten(2).transpose(1, 2) then gives [B, N_r, C]
+    "HunyuanVideo15Transformer3DModel": SPPlan(embed="x_embedder.proj", rope="rope", out="proj_out", rope_dim=0,
+                                               joint=True),
+}
 
 
 def plan_for(transformer) -> SPPlan:
@@ -125,12 +135,12 @@ class _EmbedHook(ModelHook):
 
 
 class _RopeHook(ModelHook):
-    def __init__(self, shard: SequenceShard):
+    def __init__(self, shard: SequenceShard, dim: int):
         super().__init__()
-        self.shard = shard
+        self.shard, self.dim = shard, dim
 
-    def post_forward(self, module, output):  # (cos, sin), each [1, N, 1, D] -> [1, N_r, 1, D]
-        return type(output)(self.shard.layout.local(t, 1) for t in output)
+    def post_forward(self, module, output):  # (cos, sin), each [1, N, 1, D] or [N, D] -> N_r tokens
+        return type(output)(self.shard.layout.local(t, self.dim) for t in output)
 
 
 class _GatherHook(ModelHook):
@@ -190,13 +200,21 @@ def attach_sequence_parallel(transformer, ctx: ParallelContext, mode: str, atten
     plan = plan_for(transformer)
     blocks = getattr(transformer, adapter_for(transformer).blocks_attr)
     backends = [(p, p._attention_backend) for p in _processors(transformer)]
-    if attention == "xfuser":
-        from .xdit import enable_xfuser_usp
+    joint, undo_joint = install_joint_attention(transformer) if plan.joint else ([], None)
+    try:
+        if attention == "xfuser":
+            from .xdit import enable_xfuser_usp
 
-        cp = enable_xfuser_usp(ctx, list(_processors(transformer)))
-    else:
-        cp = _enable_context_parallel(transformer, ctx, attention_backend)
+            cp = enable_xfuser_usp(ctx, list(_processors(transformer)))
+        else:
+            cp = _enable_context_parallel(transformer, ctx, attention_backend)
+    except Exception:
+        if undo_joint is not None:
+            undo_joint()
+        raise
     shard = SequenceShard(ctx, mode, cp)
+    for p in joint:
+        p.shard = shard
     swapped, views = [], {}
     if mode == "frame":  # FIS must rebuild frames from anchors on other ranks: swap in the gathering variant
         for block in blocks:
@@ -206,7 +224,7 @@ def attach_sequence_parallel(transformer, ctx: ParallelContext, mode: str, atten
                 swapped.append((block, base))
     placed = [(transformer, _InputHook(shard, plan, blocks), INPUT_HOOK),
               (transformer.get_submodule(plan.embed), _EmbedHook(shard), EMBED_HOOK),
-              (transformer.get_submodule(plan.rope), _RopeHook(shard), ROPE_HOOK),
+              (transformer.get_submodule(plan.rope), _RopeHook(shard, plan.rope_dim), ROPE_HOOK),
               (transformer.get_submodule(plan.out), _GatherHook(shard), OUTPUT_HOOK)]
     for module, hook, name in placed:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
@@ -217,6 +235,10 @@ def attach_sequence_parallel(transformer, ctx: ParallelContext, mode: str, atten
         for block, base in swapped:
             _replace_hook(block, BLOCK_HOOK, base)
         _disable_context_parallel(transformer)
+        for p in joint:
+            p.shard = None
+        if undo_joint is not None:
+            undo_joint()
         for p, backend in backends:
             p._attention_backend = backend
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()

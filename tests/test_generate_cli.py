@@ -32,7 +32,7 @@ def test_saved_pipeline_generates_an_mp4(model, tmp_path):
 
 
 def test_default_model_and_overrides(tmp_path):
-    """No --model: the embedded model is built locally; --fis-* overrides apply on top of the preset."""
+    """No --model: the embedded (shipped) model; --fis-* overrides apply on top of the preset."""
     out = tmp_path / "d.mp4"
     r = run_cli("generate.py", "--prompt", "a blue square moving up", *SMALL, "--fis-stride", "2",
                 "--fis-operator", "linear", "--fis-dense-steps", "0", "--output", out)

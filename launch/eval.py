@@ -1,0 +1,120 @@
+"""Fidelity harness (issue 6): dense vs each FIS configuration over a fixed prompt set and seeds.
+
+    python launch/eval.py --out eval/                                   # embedded model, 24 grammar prompts
+    python launch/eval.py --model PIPELINE --prompts 24 --seeds 0,1 --steps 4 --frames 49 --height 64 --width 64 --out eval/
+
+Writes eval.json (every sample, summary, targets, command, versions), eval.md (table + targets met/missed)
+and eval_psnr.png / eval_frame_psnr.png. Configurations: engine/fidelity.py CONFIGS (one line each).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from engine.cli import Parser, fail, quiet_libraries
+
+
+def parser() -> Parser:
+    p = Parser(prog="eval", description=__doc__, formatter_class=__import__("argparse").RawTextHelpFormatter)
+    p.add_argument("--model", help="pipeline folder or hub id (default: the embedded model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--scheduler", default="default")
+    p.add_argument("--shift", type=float)
+    p.add_argument("--prompts", type=int, default=24, help="grammar prompts drawn deterministically (24: every "
+                                                             "colour x direction pair once)")
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt draw")
+    p.add_argument("--prompt-file", help="one prompt per line instead (adherence only for grammar prompts)")
+    p.add_argument("--seeds", default="0", help="generation seeds, comma-separated")
+    p.add_argument("--configs", help="configurations besides Dense, comma-separated (default: all)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--guidance", type=float, help="default: the model's")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--save-videos", action="store_true", help="also write every video to OUT/videos/")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parser().parse_args(argv)
+    quiet_libraries()
+    from engine.request import UserError
+
+    try:
+        return run(a, shlex.join(["python", "launch/eval.py", *argv]))
+    except UserError as e:
+        fail(str(e), "eval")
+
+
+def inputs(a):
+    from engine.fidelity import prompt_set
+    from engine.request import UserError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("eval runs in one process; run it without torchrun")
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be integers separated by commas, got {a.seeds!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"--seeds needs at least one seed >= 0, got {a.seeds!r}")
+    if a.prompt_file:
+        path = Path(a.prompt_file)
+        if not path.is_file():
+            raise UserError(f"prompt file {a.prompt_file!r} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"prompt file {a.prompt_file!r} has no prompts")
+    elif a.prompts < 1:
+        raise UserError(f"--prompts must be >= 1, got {a.prompts}")
+    else:
+        prompts = prompt_set(a.prompts, a.prompt_seed)
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not a.overwrite)):
+        raise UserError(f"output {a.out!r} exists and is not an empty folder (use --overwrite)")
+    return prompts, seeds, out
+
+
+def run(a, command: str) -> int:
+    prompts, seeds, out = inputs(a)
+    from tqdm import tqdm
+
+    from engine import fidelity, fidelity_report
+    from engine.request import GenerationRequest
+    from engine.video import write_json
+    from engine.worker import Worker, WorkerConfig
+
+    worker = Worker(WorkerConfig(model=a.model, device=a.device, dtype=a.dtype, scheduler=a.scheduler, shift=a.shift))
+    worker.pipe.set_progress_bar_config(disable=True)  # one bar: ours, over the generations
+    configs = fidelity.configurations(worker.info.family, a.configs.split(",") if a.configs else None)
+    base = fidelity.check(worker, GenerationRequest(prompt=prompts[0], height=a.height, width=a.width,
+                                                    num_frames=a.frames, steps=a.steps, guidance=a.guidance), configs)
+    out.mkdir(parents=True, exist_ok=True)
+    videos = out / "videos" if a.save_videos else None
+    if videos:
+        videos.mkdir(exist_ok=True)
+    t0 = time.time()
+    with tqdm(total=len(prompts) * len(seeds) * len(configs), unit="video", desc="eval", file=sys.stderr) as bar:
+        rows = fidelity.evaluate(worker, prompts, seeds, base, configs, bar.update, videos)
+    report = fidelity.report(worker, base, prompts, seeds, configs, rows, command, time.time() - t0)
+    write_json(report, out / "eval.json")
+    md = fidelity_report.write(report, out)
+    for t in report["targets"]:
+        print({True: "met     ", False: "MISSED  ", None: "reported"}[t["met"]], t["target"],
+              "" if t["value"] is None else f"{t['value']:.2f} {t['unit']}")
+    print(f"wrote {md} and {out / 'eval.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""HunyuanVideo 1.5: sequence parallelism (joint text tokens) in 2 and 4 gloo processes; the mask-free attention.
+
+Every parallel output is compared with the single-process output of the unmodified diffusers model (dense
+[B, 1, S, S] mask, its own processor), dense and with FIS stride 3.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import parallel_worker
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from engine.fis_hooks import apply_fis, remove_fis
+from fis import FISConfig
+from parallel import Degrees, ParallelContext, drop_text_padding, parallelize_transformer
+from parallel.joint import JointAttention, install_joint_attention
+
+TOL = 1e-5
+SHAPES = ((6, 4, 6), (7, 3, 5))  # latent [F, H, W]: even for 2 ranks in both layouts; 7 frames / 15 tokens: not
+TEXTS = ("padded", "trimmed", "full", "batch")
+FIS = FISConfig(stride=3, dense_head=1, dense_tail=1)
+
+
+def _model(heads: int = 2):
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=heads, attention_head_dim=16, num_layers=5,
+        num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(4, 6, 6),
+        target_size=32).eval()
+
+
+def _inputs(shape, text: str):
+    """text: 'padded' (t2v: padded Qwen and ByT5 tokens, zero image = 4 padded tokens: 5 of 12 valid), 'full'
+    (i2v: every token valid, so no mask) or 'batch' (two padded prompts of different lengths: a key mask)."""
+    g = torch.Generator().manual_seed(1)
+    batch = 2 if text == "batch" else 1
+    mask, mask_2 = torch.ones(batch, 5, dtype=torch.long), torch.ones(batch, 3, dtype=torch.long)
+    if text != "full":
+        mask[:, 3:], mask_2[:, 2:] = 0, 0
+        mask[1:, 1:] = 0  # the second prompt is shorter
+    image = torch.randn(batch, 4, 8, generator=g) * (text == "full")
+    args = (torch.randn(batch, 9, *shape, generator=g), torch.tensor([600.0] * batch),
+            torch.randn(batch, 5, 16, generator=g), mask)
+    return args, {"encoder_hidden_states_2": torch.randn(batch, 3, 8, generator=g),
+                  "encoder_attention_mask_2": mask_2, "image_embeds": image, "return_dict": False}
+
+
+@torch.no_grad()
+def _run(m, shape, text):
+    args, kw = _inputs(shape, text)
+    return m(*args, **kw)[0]
+
+
+# ---- 2 processes -------------------------------------------------------------------------------------------
+def hunyuan_sp():
+    """Both layouts x (padded text, padded text trimmed, no padding, a batch of unequal prompts) x dense / FIS x
+    even / uneven token counts (the text splits unevenly too: 5 valid tokens over 2 ranks)."""
+    diff, world = parallel_worker._diff, torch.distributed.get_world_size()
+    ctx = parallel_worker._ctx(ulysses=world)
+    m, out = _model(heads=world), {}
+    for shape in SHAPES if world == 2 else SHAPES[1:]:  # 4 ranks (time): the uneven shape, no mask and a key mask
+        for text in TEXTS if world == 2 else TEXTS[1::2]:
+            given = "padded" if text == "trimmed" else text
+            dense = _run(m, shape, given)  # diffusers' own attention, dense mask
+            for fis in (False, True):
+                if fis:
+                    apply_fis(m, FIS).begin(4)
+                ref = _run(m, shape, given) if fis else dense
+                tag = f"{'x'.join(map(str, shape))}_{text}_{'fis' if fis else 'dense'}"
+                if fis:
+                    out[f"fis_effect_{tag}"] = diff(ref, dense)  # FIS really ran
+                for mode in ("spatial", "frame"):
+                    undo = drop_text_padding(m) if text == "trimmed" else None  # FIS, trim, then parallelism
+                    handle = parallelize_transformer(m, ctx, shard=mode)
+                    out[f"{mode}_{tag}"] = diff(_run(m, shape, given), ref)
+                    handle.remove()
+                    if undo:
+                        undo()
+                out[f"removed_{tag}"] = diff(_run(m, shape, given), ref)
+                if fis:
+                    remove_fis(m)
+    return out
+
+
+def _spawned(rank, world, port, path, names):
+    parallel_worker.SCENARIOS["hunyuan_sp"] = hunyuan_sp
+    parallel_worker.main(rank, world, port, path, names)
+
+
+@pytest.fixture(scope="module")
+def sp_results(tmp_path_factory):
+    """world -> the scenario's metrics; each world size is spawned once."""
+    cache = {}
+
+    def get(world: int) -> dict:
+        if world not in cache:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            path = tmp_path_factory.mktemp("hunyuan_sp") / f"world{world}.json"
+            mp.spawn(_spawned, args=(world, port, str(path), ["hunyuan_sp"]), nprocs=world)
+            cache[world] = json.loads(path.read_text())["hunyuan_sp"]
+        assert "error" not in cache[world], cache[world].get("error")
+        return cache[world]
+
+    return get
+
+
+@pytest.mark.parametrize("world", [2, 4])  # ulysses 2 (2 heads), ulysses 4 (4 heads; 4 frame ranks of 7 frames:
+@pytest.mark.parametrize("prefix", ["spatial_", "frame_", "removed_"])  # a rank may hold no FIS anchor)
+def test_sequence_parallel_equals_single_process(sp_results, world, prefix):
+    checked = {k: v for k, v in sp_results(world).items() if k.startswith(prefix)}
+    assert len(checked) == (len(SHAPES) * len(TEXTS) * 2 if world == 2 else 2 * 2), checked
+    bad = {k: v for k, v in checked.items() if not v <= TOL}
+    assert not bad, f"parallel != single process: {bad}"
+
+
+def test_fis_cases_were_sparse(sp_results):
+    assert min(v for k, v in sp_results(2).items() if k.startswith("fis_effect")) > 1e-3
+
+
+# ---- one process -------------------------------------------------------------------------------------------
+def test_bad_degrees_fail_before_anything_is_attached():
+    m = _model(heads=4)
+    ctx = ParallelContext(Degrees(ulysses=8), world_size=8)
+    with pytest.raises(ValueError, match="ulysses degree 8 must divide the model's 4 attention heads"):
+        parallelize_transformer(m, ctx)
+    with pytest.raises(ValueError, match="CFG parallelism supports Wan pipelines only"):  # cfg.py knows Wan only
+        parallelize_transformer(m, ParallelContext(Degrees(cfg=2), world_size=2))
+    assert not hasattr(m, "_diffusers_hook")
+    assert type(m.transformer_blocks[0].attn.processor).__name__ == "HunyuanVideo15AttnProcessor2_0"
+
+
+class _NoMask(JointAttention):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, None, image_rotary_emb)
+
+
+@torch.no_grad()
+def test_no_dense_mask_same_output():
+    """JointAttention (padded keys left out, no mask), and padding dropped before the blocks, equal diffusers'
+    dense-mask attention; the padding does matter (ignoring the mask changes the output), and the undo restores
+    the model exactly."""
+    m, shape = _model(), SHAPES[1]
+    ref = _run(m, shape, "padded")
+    procs, undo = install_joint_attention(m)
+    assert abs(_run(m, shape, "padded") - ref).max() <= TOL
+    for p in procs:  # the same attention with the mask thrown away: padded tokens act as keys
+        p.__class__ = _NoMask
+    assert abs(_run(m, shape, "padded") - ref).max() > 1e-3
+    undo()
+
+    seen = []
+    hooks = [b.attn.register_forward_pre_hook(lambda mod, a, k: seen.append((k["encoder_hidden_states"].shape[1],
+                                                                             k["attention_mask"])), with_kwargs=True)
+             for b in m.transformer_blocks]
+    for fis in (False, True):
+        if fis:
+            apply_fis(m, FIS).begin(4)
+            ref = _run(m, shape, "padded")
+        undo = drop_text_padding(m)
+        seen.clear()
+        assert abs(_run(m, shape, "padded") - ref).max() <= TOL
+        assert seen == [(5, None)] * 5  # 12 text tokens, 5 valid: no mask reaches the attention
+        undo()
+        assert torch.equal(_run(m, shape, "padded"), ref)
+        if fis:
+            remove_fis(m)
+    for h in hooks:
+        h.remove()
+    assert type(m.transformer_blocks[0].attn.processor).__name__ == "HunyuanVideo15AttnProcessor2_0"
+
+
+@torch.no_grad()
+def test_batch_of_unequal_prompts():
+    """Two prompts of different lengths in one batch: a [B, 1, 1, S] key mask; trimmed to the longer prompt."""
+    m, shape = _model(), SHAPES[0]
+    ref = _run(m, shape, "batch")
+    for install in (install_joint_attention, drop_text_padding):
+        undo = install(m)
+        undo = undo[1] if isinstance(undo, tuple) else undo
+        assert abs(_run(m, shape, "batch") - ref).max() <= TOL
+        undo()
