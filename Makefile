@@ -18,6 +18,9 @@ demo: $(STAMP)
 	mkdir -p outputs
 	$(PY) launch/generate.py --prompt "a red circle moving right quickly on a dark background" \
 		--fis balanced --output outputs/demo.mp4
+	# the same video without FIS, to compare (docs/benchmarks.md: how far FIS moves this small model)
+	$(PY) launch/generate.py --prompt "a red circle moving right quickly on a dark background" \
+		--fis off --output outputs/demo-dense.mp4
 
 test: $(STAMP)
 	$(PY) -m pytest -q

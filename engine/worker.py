@@ -20,8 +20,7 @@ from .adapters import ADAPTERS
 from .compile import compile_blocks
 from .fis_hooks import FISState, apply_fis
 from .images import prepare as prepare_image
-from .loader import (load_loras, load_pipeline, model_info, pick_device, pick_dtype, set_scheduler,
-                     transformers_of)
+from .loader import load_loras, load_pipeline, model_info, pick_device, pick_dtype, set_scheduler, transformers_of
 from .pipelines import PipelineCall
 from .request import GenerationRequest, UserError, validate
 
@@ -217,4 +216,4 @@ def versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
-__all__ = ["Worker", "WorkerConfig", "Cancelled", "GenerationRequest", "UserError"]
+__all__ = ["Cancelled", "GenerationRequest", "UserError", "Worker", "WorkerConfig"]

@@ -26,8 +26,8 @@ from engine.bench import StepTimer, fidelity
 from engine.fis_hooks import apply_fis, remove_fis
 from engine.presets import load_fis
 from engine.video import write_json
-from parallel.joint import drop_text_padding
 from fis.flops import HUNYUAN_VIDEO_15, UNIT, generation_flops
+from parallel.joint import drop_text_padding
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=6, num_refiner_layers=1, text_embed_dim=32,
             text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=(4, 6, 6))
@@ -46,7 +46,7 @@ def inputs(m, o):
     c, dev, dt = m.config, o.device, next(m.parameters()).dtype
     f, h, w = (9, 4, 6) if o.tiny else ((o.frames - 1) // 4 + 1, o.height // 16, o.width // 16)
     g = torch.Generator(dev).manual_seed(o.seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, device=dev, dtype=dt)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=g, device=dev, dtype=dt)
     n_text, n_byt5, n_img = (8, 4, 4) if o.tiny else (1000, 256, 729)
     mask = torch.zeros(1, n_text, dtype=torch.long, device=dev)
     mask[:, : n_text * 3 // 20] = 1  # 15% of the Qwen tokens are the prompt, the rest padding
