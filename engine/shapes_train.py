@@ -219,12 +219,11 @@ def train(cfg: TrainConfig, device: torch.device, workers: int = 1, log=print):
         rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
         ae_psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec.float(), x)))
     log(f"patch VAE: {cfg.z_dim} components keep {100 * kept:.2f}% of the variance, reconstruction {ae_psnr:.1f} dB")
-    t2 = t3 = time.perf_counter()
-    t3 = time.perf_counter()
+    t2 = time.perf_counter()
     cfg.done["dit_steps"] = train_transformer(pipe, lat, prompts, cfg, log)
     t4 = time.perf_counter()
     report = {"config": asdict(cfg), "latent_shape": list(lat.shape[1:]), "ae_recon_psnr_db": ae_psnr,
-              "pca_variance_kept": kept, "seconds": {"data": t1 - t0, "vae": t2 - t1, "transformer": t4 - t3},
+              "pca_variance_kept": kept, "seconds": {"data": t1 - t0, "vae": t2 - t1, "transformer": t4 - t2},
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__}
     return pipe, report
