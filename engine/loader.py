@@ -141,8 +141,9 @@ def model_info(pipe) -> ModelInfo:
         size = tuple(HunyuanVideo15ImageProcessor(vae_scale_factor=vae_s).calculate_default_height_width(
             9, 16, cfg.target_size))
     frames, guidance = (81 if real else 33), 1.0
-    own = Path(pipe.config.get("_name_or_path") or "") / DEFAULTS_FILE
-    if own.is_file():  # the model knows its trained size and guidance better than any guess
+    name = pipe.config.get("_name_or_path")
+    own = Path(name) / DEFAULTS_FILE if name else None  # a local folder's own file (hub ids: none)
+    if own is not None and own.is_file():  # the model knows its trained size and guidance better than any guess
         d = json.loads(own.read_text())
         size, frames = (int(d["height"]), int(d["width"])), int(d["num_frames"])
         guidance = float(d.get("guidance", 1.0))
