@@ -87,13 +87,13 @@ def build_pipeline(variant: str = "t2v", seed: int = 0, num_layers: int = 6):
     return WanPipeline(**parts)
 
 
-def ensure_tiny(variant: str = "t2v", root: Path | None = None) -> Path:
-    """Build and save the tiny pipeline once; return its folder (a normal diffusers pipeline folder)."""
+def saved_once(name: str, build, root: Path | None = None) -> Path:
+    """Build a pipeline with build() and save it under the cache root once; return its folder."""
     root = root or os.environ.get("FIS_CACHE") or Path.home() / ".cache" / "fis-engine"
-    path = Path(root) / f"tiny-wan-{variant}-v1"
+    path = Path(root) / name
     if not (path / "model_index.json").exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_pipeline(variant).save_pretrained(tmp)
+        build().save_pretrained(tmp)
         try:
             tmp.rename(path)  # atomic: a concurrent builder may have won, which is fine
         except OSError:
@@ -101,3 +101,8 @@ def ensure_tiny(variant: str = "t2v", root: Path | None = None) -> Path:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def ensure_tiny(variant: str = "t2v", root: Path | None = None) -> Path:
+    """Build and save the tiny pipeline once; return its folder (a normal diffusers pipeline folder)."""
+    return saved_once(f"tiny-wan-{variant}-v1", lambda: build_pipeline(variant), root)

@@ -8,7 +8,6 @@ real loading path runs. Every component has the class the diffusers pipeline exp
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -108,15 +107,6 @@ def build_pipeline(variant: str = "t2v", seed: int = 0, num_layers: int = 6):
 
 def ensure_tiny_hunyuan(variant: str = "t2v", root: Path | None = None) -> Path:
     """Build and save the tiny pipeline once; return its folder (a normal diffusers pipeline folder)."""
-    root = root or os.environ.get("FIS_CACHE") or Path.home() / ".cache" / "fis-engine"
-    path = Path(root) / f"tiny-hunyuanvideo15-{variant}-v1"
-    if not (path / "model_index.json").exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_pipeline(variant).save_pretrained(tmp)
-        try:
-            tmp.rename(path)  # atomic: a concurrent builder may have won, which is fine
-        except OSError:
-            import shutil
+    from .tiny import saved_once
 
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return saved_once(f"tiny-hunyuanvideo15-{variant}-v1", lambda: build_pipeline(variant), root)
