@@ -22,6 +22,7 @@ import torch
 from fis import UNIT, FISConfig, FISConfigError, generation_flops
 
 from .archs import MODELS, TINY_VIDEO, ModelSpec, build_transformer, model_dtype
+from .attention_backend import set_attention_backend
 from .compile import MODES as COMPILE_MODES
 from .compile import compile_blocks
 from .fis_hooks import MODEL_HOOK, FISState, apply_fis, remove_fis
@@ -31,20 +32,6 @@ from .request import RESOLUTIONS
 
 class BenchError(ValueError):
     """Bad benchmark input; the message is one line and lists the valid values."""
-
-
-def set_backend(module, backend: str) -> None:
-    """diffusers attention backend on a model or on the attention layers of a bare block."""
-    from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
-
-    if hasattr(module, "set_attention_backend"):  # a diffusers model
-        module.set_attention_backend(backend)
-        return
-    _check_attention_backend_requirements(AttentionBackendName(backend))  # a bare block: missing package -> error now
-    for m in module.modules():
-        if isinstance(m, AttentionModuleMixin):
-            m.set_attention_backend(backend)
 
 
 # ---- rows -----------------------------------------------------------------------------------------------------
@@ -460,7 +447,7 @@ def run(o: Options) -> dict:
     t = time.perf_counter()
     s = build_setup(spec, device, frames, height, width, o.steps, o.seed)
     for m in s.experts:
-        set_backend(m, backend)
+        set_attention_backend(m, backend)
     if o.compile != "off":
         compile_blocks(s.experts, o.compile)
     report.update(build_s=time.perf_counter() - t, route=s.route, flops_dense_P=s.flops() / UNIT)

@@ -15,7 +15,8 @@ import torch
 from fis.flops import block_flops
 
 from .archs import build_block, default_dtype, model_dtype
-from .bench import Setup, _failure, _peak_gib, _reset_memory, attach, detach, is_oom, set_backend, transformer_call
+from .attention_backend import set_attention_backend
+from .bench import Setup, _failure, _peak_gib, _reset_memory, attach, detach, is_oom, transformer_call
 from .compile import raise_recompile_limit
 from .presets import load_fis, model_family
 
@@ -96,7 +97,7 @@ def attention_sweep(spec, device: torch.device, grids: list[dict], compile_mode:
             for backend in CANDIDATES:
                 e = dict(resolution=g["resolution"], frames=frames, tokens=n, backend=backend, status="ok")
                 try:
-                    set_backend(block, backend)
+                    set_attention_backend(block, backend)
                     sec = time_fn(lambda: block(*inputs), device)  # noqa: B023 - called here, in this iteration
                     e.update(block_ms=sec * 1e3, block_tflops=block_flops(spec.dims, n) / sec / 1e12)
                     if not dense_only:
@@ -126,7 +127,7 @@ def _compile_sweep(spec, block, device, grid: dict, backend: str | None, mode: s
     res = {"backend": backend, "mode": mode, "resolution": grid["resolution"], "shapes": []}
     start = time.perf_counter()
     try:
-        set_backend(block, backend)
+        set_attention_backend(block, backend)
         raise_recompile_limit()
         compiled = torch.compile(block.forward, dynamic=None if mode == "auto" else False)
         for frames in [grid["frames"], *grid["anchors"]]:

@@ -17,6 +17,7 @@ from parallel import Degrees, drop_text_padding, init_parallel, parallelize_pipe
 
 from . import metrics as M
 from .adapters import ADAPTERS
+from .attention_backend import set_attention_backend
 from .compile import compile_blocks
 from .fis_hooks import FISState, apply_fis
 from .images import prepare as prepare_image
@@ -76,7 +77,7 @@ class Worker:
         self.call = PipelineCall(self.pipe, self.info.arch)
         if cfg.attention_backend and not self.ctx.is_distributed:
             for t in self.transformers:
-                t.set_attention_backend(cfg.attention_backend)
+                set_attention_backend(t, cfg.attention_backend)
         try:
             compile_blocks(self.transformers, cfg.compile)  # before the hooks: they stay eager around it
         except ValueError as e:

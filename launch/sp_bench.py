@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch
 
 from engine.archs import MODELS, TINY_VIDEO
-from engine.bench import build_setup, denoise, fidelity, set_backend
+from engine.attention_backend import set_attention_backend
+from engine.bench import build_setup, denoise, fidelity
 from engine.compile import compile_blocks
 from engine.fis_hooks import apply_fis, remove_fis
 from engine.presets import load_fis, model_family
@@ -174,7 +175,7 @@ def main(argv=None) -> dict | None:
             compile_blocks(s.experts, o.compile)  # before any hook: the hooks stay eager around the graphs
         if o.attention_backend:
             for m in s.experts:
-                set_backend(m, o.attention_backend)
+                set_attention_backend(m, o.attention_backend)
         refs = {}
         if o.check and res == resolutions[0]:  # this GPU alone: every rank computes it, no communication
             alone = ParallelContext(device=ctx.device)

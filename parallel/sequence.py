@@ -24,6 +24,7 @@ from diffusers.models._modeling_parallel import ParallelConfig
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
 from engine.adapters import adapter_for
+from engine.attention_backend import set_attention_backend
 from engine.fis_hooks import BLOCK_HOOK, BlockArgs, FISBlockHook
 
 from .context import ParallelContext
@@ -170,7 +171,7 @@ def _enable_context_parallel(transformer, ctx: ParallelContext, attention_backen
     if attention_backend is None and ctx.degrees.ring > 1:
         attention_backend = "_native_cudnn"  # ring merges partial outputs by log-sum-exp: needs an LSE backend
     if attention_backend is not None:
-        transformer.set_attention_backend(attention_backend)
+        set_attention_backend(transformer, attention_backend)
     if torch.accelerator.device_count() > 0:
         # cp_plan={}: diffusers only wires the attention; the token split / gather is ours (layout.py)
         transformer.enable_parallelism(config=config, cp_plan={})

@@ -31,3 +31,16 @@ def run_cli(script: str, *args, cwd=None, timeout=300):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(ROOT / "launch" / script), *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _process_attention_backend_untouched():
+    """No engine code may change diffusers' process-wide attention backend: a later model would inherit it (a CPU
+    test failed on '_native_flash' left behind by a benchmark test)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    yield
+    after = _AttentionBackendRegistry._active_backend
+    _AttentionBackendRegistry.set_active_backend(before)  # one leak, one failure: not every later test
+    assert after == before, f"the process-wide attention backend changed from {before} to {after}"

@@ -1,0 +1,30 @@
+"""Choose a diffusers attention backend for one model without touching the process-wide default.
+
+diffusers' `ModelMixin.set_attention_backend` also sets the registry's *active* backend, which every other model in
+the process then inherits (a second pipeline, a test run after a benchmark). We keep its validation and per-layer
+effect and put the process default back.
+"""
+
+from __future__ import annotations
+
+
+def set_attention_backend(module, backend: str) -> None:
+    """Backend `backend` on every attention layer of `module` (a diffusers model or a bare block)."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _AttentionBackendRegistry,
+        _check_attention_backend_requirements,
+    )
+
+    before = _AttentionBackendRegistry._active_backend
+    try:
+        if hasattr(module, "set_attention_backend") and not isinstance(module, AttentionModuleMixin):  # a model
+            module.set_attention_backend(backend)
+            return
+        _check_attention_backend_requirements(AttentionBackendName(backend))  # a bare block: missing package -> now
+        for m in module.modules():
+            if isinstance(m, AttentionModuleMixin):
+                m.set_attention_backend(backend)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(before)
