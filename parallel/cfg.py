@@ -1,16 +1,16 @@
 """CFG parallelism: the cond and uncond branches of one step on two rank groups at the same time.
 
-diffusers' Wan pipelines call the transformer twice per step, inside cache_context("cond") and
-cache_context("uncond"). At the 'cond' call, CFG rank 0 computes cond (the prompt it was given) and CFG rank 1
-computes uncond (with the negative prompt embeddings), then the two predictions are all-gathered over the 'cfg'
-axis: 'cond' returns the first, and the 'uncond' call that follows returns the stashed second without computing.
-The negative embeddings are taken from pipe.encode_prompt, which every pipeline call goes through (also when the
-caller passes prompt_embeds / negative_prompt_embeds itself).
+diffusers' pipelines call the transformer twice per step, cond first, each inside a cache_context: Wan names them
+'cond' / 'uncond', the guider-driven ones (HunyuanVideo 1.5) 'pred_cond' / 'pred_uncond'. Neither reads the cond
+prediction before the uncond call returns. So the cond call is deferred: it returns a NaN-filled tensor of the
+output's shape and keeps its inputs; at the uncond call CFG rank 0 computes cond (with the kept inputs) while CFG
+rank 1 computes uncond (with the inputs it was just given), the two are all-gathered over the 'cfg' axis, the cond
+one is written into the tensor returned earlier and the uncond one is returned. No model or pipeline argument is
+named, so any pipeline with this call pattern works; whether an uncond call follows comes from the pipeline
+(`do_classifier_free_guidance`, or its guider's `num_conditions` for this step).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.distributed as dist
@@ -18,30 +18,18 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from engine.fis_hooks import BlockArgs
-
 from .context import ParallelContext
 
 CFG_HOOK = "cfg_parallel"
+COND, UNCOND = ("cond", "pred_cond"), ("uncond", "pred_uncond")
 
 
-class NegativeCapture:
-    """Keeps the negative prompt embeddings of the latest pipe.encode_prompt call (None when CFG is off)."""
-
-    def __init__(self, pipe):
-        self.pipe, self.embeds = pipe, None
-        original = pipe.encode_prompt
-
-        @functools.wraps(original)
-        def encode_prompt(*args, **kwargs):
-            positive, negative = original(*args, **kwargs)
-            self.embeds = negative
-            return positive, negative
-
-        pipe.encode_prompt = encode_prompt  # instance attribute over the class method; remove() deletes it
-
-    def remove(self) -> None:
-        del self.pipe.encode_prompt
+def uncond_follows(pipe) -> bool:
+    """Will this step's cond call be followed by an uncond call? Asked at the cond call."""
+    guider = getattr(pipe, "guider", None)
+    if guider is not None:  # set_state(step) ran before this step's calls; CFG may be off for some steps
+        return guider.num_conditions > 1
+    return bool(getattr(pipe, "do_classifier_free_guidance", False))
 
 
 class _NoState(BaseState):
@@ -50,42 +38,38 @@ class _NoState(BaseState):
 
 
 class CFGParallelHook(ModelHook):
-    _is_stateful = True  # diffusers' cache_context sets the call's name ('cond' / 'uncond') on stateful hooks
+    _is_stateful = True  # diffusers' cache_context sets the call's name on stateful hooks
 
-    def __init__(self, ctx: ParallelContext, negatives: NegativeCapture, text_arg: str = "encoder_hidden_states"):
+    def __init__(self, ctx: ParallelContext, pipe):
         super().__init__()
-        self.group, self.branch = ctx.group("cfg"), ctx.axis_rank("cfg")
-        self.negatives, self.text_arg = negatives, text_arg
+        self.group, self.branch, self.pipe = ctx.group("cfg"), ctx.axis_rank("cfg"), pipe
         self.calls = StateManager(_NoState)
-        self._stash: torch.Tensor | None = None  # uncond prediction computed at the 'cond' call
-
-    def initialize_hook(self, module):
-        self.args = BlockArgs(module)
-        return module
+        self._pending = None  # (args, kwargs, returned tensor) of the deferred cond call
 
     def reset_state(self, module):
-        self._stash = None
+        self._pending = None
         return module
 
     def new_forward(self, module, *args, **kwargs):
         fwd = self.fn_ref.original_forward
         name = self._call_name()
-        if name == "uncond" and self._stash is not None:
-            sample, self._stash = self._stash, None
-            return _wrap(sample, kwargs)
-        negative = self.negatives.embeds
-        if name != "cond" or negative is None:  # no CFG on this call: both groups compute it (same result)
-            return fwd(*args, **kwargs)
-        if self.branch == 1:
-            args, kwargs = list(args), dict(kwargs)
-            positive = self.args.get(self.text_arg, args, kwargs)  # [B, L, C_text]
-            self.args.set(self.text_arg, negative.to(device=positive.device, dtype=positive.dtype), args, kwargs)
-        out = fwd(*args, **kwargs)
-        sample = out[0] if isinstance(out, tuple) else out.sample  # [B, C, F, H, W], whole on every rank
-        both = [torch.empty_like(sample) for _ in range(2)]
-        dist.all_gather(both, sample.contiguous(), group=self.group)
-        self._stash = both[1]
-        return _wrap(both[0], kwargs)
+        if name in COND and uncond_follows(self.pipe):
+            out = _placeholder(module, args, kwargs)
+            self._pending = (args, kwargs, out)  # replaces any left by a call that failed half-way
+            return _wrap(out, kwargs)
+        if name in UNCOND and self._pending is not None:
+            cond_args, cond_kwargs, cond_out = self._pending
+            self._pending = None
+            mine = fwd(*cond_args, **cond_kwargs) if self.branch == 0 else fwd(*args, **kwargs)
+            sample = mine[0] if isinstance(mine, tuple) else mine.sample  # [B, C, F, H, W], whole on every rank
+            both = [torch.empty_like(sample) for _ in range(2)]
+            dist.all_gather(both, sample.contiguous(), group=self.group)
+            if cond_out.shape != both[0].shape or cond_out.dtype != both[0].dtype:
+                raise RuntimeError(f"CFG parallelism: expected a {tuple(cond_out.shape)} {cond_out.dtype} prediction, "
+                                   f"the model returned {tuple(both[0].shape)} {both[0].dtype}")
+            cond_out.copy_(both[0])
+            return _wrap(both[1], kwargs)
+        return fwd(*args, **kwargs)  # no CFG this step, or outside a pipeline loop: both groups compute it
 
     def _call_name(self) -> str | None:
         try:
@@ -94,23 +78,31 @@ class CFGParallelHook(ModelHook):
             return None
 
 
+def _placeholder(module, args, kwargs) -> torch.Tensor:
+    """NaNs shaped like the prediction: [B, out_channels, F, H, W] of the input's [B, in_channels, F, H, W], in the
+    dtype of the output projection (NaN, so a prediction that is never filled cannot pass unnoticed)."""
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, C_in, F, H, W]
+    channels = getattr(module.config, "out_channels", None) or x.shape[1]
+    proj = getattr(module, "proj_out", None)
+    dtype = proj.weight.dtype if isinstance(proj, torch.nn.Linear) else x.dtype
+    return torch.full((x.shape[0], channels, *x.shape[2:]), float("nan"), dtype=dtype, device=x.device)
+
+
 def _wrap(sample: torch.Tensor, kwargs):
     return Transformer2DModelOutput(sample=sample) if kwargs.get("return_dict", True) else (sample,)
 
 
 def attach_cfg_parallel(pipe, transformers, ctx: ParallelContext):
-    """Put the CFG hook on every transformer of `pipe` (outermost, so the 'uncond' call skips everything).
+    """Put the CFG hook on every transformer of `pipe` (outermost, so a deferred call skips everything).
     Returns an undo function."""
-    negatives = NegativeCapture(pipe)
     for t in transformers:
         registry = HookRegistry.check_if_exists_or_initialize(t)
-        registry.register_hook(CFGParallelHook(ctx, negatives), CFG_HOOK)
+        registry.register_hook(CFGParallelHook(ctx, pipe), CFG_HOOK)
         registry.invalidate_child_registries_cache()
 
     def undo():
         for t in transformers:
             t._diffusers_hook.remove_hook(CFG_HOOK, recurse=False)
             t._diffusers_hook.invalidate_child_registries_cache()
-        negatives.remove()
 
     return undo

@@ -39,8 +39,6 @@ def _check(transformers, ctx: ParallelContext, shard: str, attention: str) -> No
         ctx.degrees.validate(ctx.world_size, t.config.num_attention_heads)
         if ctx.sp_size > 1:
             plan_for(t)
-        if ctx.degrees.cfg == 2 and type(t).__name__ != "WanTransformer3DModel":  # cfg.py knows Wan's two calls
-            raise ValueError(f"CFG parallelism supports Wan pipelines only, not {type(t).__name__}; use cfg degree 1")
 
 
 def parallelize_transformer(transformer, ctx: ParallelContext, shard: str = "spatial", attention: str = "diffusers",

@@ -88,26 +88,83 @@ def hunyuan_sp():
     return out
 
 
+def hunyuan_cfg():
+    """The tiny HunyuanVideo 1.5 pipeline (guider-driven CFG) with a cfg degree 2 (x ulysses on 4 processes)
+    equals serial CFG on one process: dense and FIS, padding kept and dropped (the Worker drops it), and a guider
+    whose CFG starts at the second step (step 0 has no uncond call). One transformer call per step per rank."""
+    from diffusers import ClassifierFreeGuidance
+
+    from engine.pipelines import PipelineCall
+    from engine.tiny_hunyuan import build_pipeline
+    from parallel import parallelize_pipeline
+
+    diff, world = parallel_worker._diff, torch.distributed.get_world_size()
+    ctx = parallel_worker._ctx(cfg=2, ulysses=world // 2)
+    pipe = build_pipeline("t2v")
+    pipe.set_progress_bar_config(disable=True)
+    calls, out = [0], {}
+    pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    steps = 3
+
+    def generate(state):
+        if state is not None:
+            state.begin(steps)
+        with PipelineCall(pipe, "hunyuanvideo1.5").on_step_end(state.step_callback if state else lambda *a: {}) as kw, \
+                torch.no_grad():
+            return pipe(prompt="a red circle moving left", negative_prompt="blurry", height=32, width=48,
+                        num_frames=17, num_inference_steps=steps, output_type="latent",
+                        generator=torch.Generator().manual_seed(0), **kw).frames
+
+    for guider in ("all", "late"):
+        pipe.guider = ClassifierFreeGuidance(guidance_scale=4.0, start=0.0 if guider == "all" else 0.34)
+        for fis in (False, True):
+            state = apply_fis(pipe.transformer, FIS) if fis else None
+            for trim in (False, True):
+                undo = drop_text_padding(pipe.transformer) if trim else None
+                ref = generate(state)
+                calls[0] = 0
+                generate(state)
+                serial_calls = calls[0]
+                handle = parallelize_pipeline(pipe, ctx)
+                tag = f"{guider}_{'fis' if fis else 'dense'}_{'trim' if trim else 'mask'}"
+                calls[0] = 0
+                out[f"cfg_{tag}"] = diff(generate(state), ref)
+                out[f"calls_{tag}"] = float(calls[0])  # forwards per rank
+                out[f"serial_calls_{tag}"] = float(serial_calls)
+                handle.remove()
+                out[f"removed_{tag}"] = diff(generate(state), ref)
+                if undo:
+                    undo()
+            if fis:
+                out[f"fis_effect_{guider}"] = diff(ref, dense)
+                remove_fis(pipe.transformer)
+            else:
+                dense = ref
+    return out
+
+
 def _spawned(rank, world, port, path, names):
     parallel_worker.SCENARIOS["hunyuan_sp"] = hunyuan_sp
+    parallel_worker.SCENARIOS["hunyuan_cfg"] = hunyuan_cfg
     parallel_worker.main(rank, world, port, path, names)
 
 
 @pytest.fixture(scope="module")
 def sp_results(tmp_path_factory):
-    """world -> the scenario's metrics; each world size is spawned once."""
+    """(world, scenario) -> the scenario's metrics; each world size is spawned once, for both scenarios."""
     cache = {}
 
-    def get(world: int) -> dict:
+    def get(world: int, scenario: str = "hunyuan_sp") -> dict:
         if world not in cache:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             path = tmp_path_factory.mktemp("hunyuan_sp") / f"world{world}.json"
-            mp.spawn(_spawned, args=(world, port, str(path), ["hunyuan_sp"]), nprocs=world)
-            cache[world] = json.loads(path.read_text())["hunyuan_sp"]
-        assert "error" not in cache[world], cache[world].get("error")
-        return cache[world]
+            mp.spawn(_spawned, args=(world, port, str(path), ["hunyuan_sp", "hunyuan_cfg"]), nprocs=world)
+            cache[world] = json.loads(path.read_text())
+        got = cache[world][scenario]
+        assert "error" not in got, got.get("error")
+        return got
 
     return get
 
@@ -121,6 +178,19 @@ def test_sequence_parallel_equals_single_process(sp_results, world, prefix):
     assert not bad, f"parallel != single process: {bad}"
 
 
+@pytest.mark.parametrize("world", [2, 4])  # cfg 2 alone; cfg 2 x ulysses 2
+def test_cfg_parallel_equals_serial_cfg(sp_results, world):
+    r = sp_results(world, "hunyuan_cfg")
+    tags = [k[len("cfg_"):] for k in r if k.startswith("cfg_")]
+    assert len(tags) == 8, r
+    bad = {k: v for k, v in r.items() if k.startswith(("cfg_", "removed_")) and not v <= TOL}
+    assert not bad, f"CFG-parallel != serial CFG: {bad}"
+    for tag in tags:  # 3 steps; serial: 2 calls per CFG step; parallel: 1 call per step on each rank
+        late = tag.startswith("late")
+        assert r[f"serial_calls_{tag}"] == (5.0 if late else 6.0) and r[f"calls_{tag}"] == 3.0, (tag, r)
+    assert min(r["fis_effect_all"], r["fis_effect_late"]) > 1e-3
+
+
 def test_fis_cases_were_sparse(sp_results):
     assert min(v for k, v in sp_results(2).items() if k.startswith("fis_effect")) > 1e-3
 
@@ -131,8 +201,6 @@ def test_bad_degrees_fail_before_anything_is_attached():
     ctx = ParallelContext(Degrees(ulysses=8), world_size=8)
     with pytest.raises(ValueError, match="ulysses degree 8 must divide the model's 4 attention heads"):
         parallelize_transformer(m, ctx)
-    with pytest.raises(ValueError, match="CFG parallelism supports Wan pipelines only"):  # cfg.py knows Wan only
-        parallelize_transformer(m, ParallelContext(Degrees(cfg=2), world_size=2))
     assert not hasattr(m, "_diffusers_hook")
     assert type(m.transformer_blocks[0].attn.processor).__name__ == "HunyuanVideo15AttnProcessor2_0"
 
