@@ -134,6 +134,7 @@ def summary(m: dict) -> str:
         ("FLOPs", f"{_flops(m['flops_P'])} (dense {_flops(m['flops_dense_P'])})"),
         ("speedup est.", f"{m['speedup_estimate']:.2f}x by FLOPs"),
         ("peak memory", f"{m['peak_memory_gib']:.2f} GiB" + (" (GPU)" if m.get("gpu") else " (RSS)")),
+        *(("note", n) for n in m.get("notes", ())),
     ]
     return "\n".join(f"  {k:<13} {v}" for k, v in rows)
 

@@ -193,6 +193,9 @@ class Worker:
             "versions": versions(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if self.ctx.degrees.cfg == 2 and not cfg:
+            metrics["notes"] = ["guidance <= 1 runs no uncond branch: both CFG rank groups computed the same "
+                                "prediction; without --cfg-parallel those ranks would split the sequence instead"]
         if req.fis is not None:
             plan = req.fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames), req.steps)
             metrics["fis"] = {**req.fis.to_dict(), "sparse_blocks": list(plan.sparse_blocks),

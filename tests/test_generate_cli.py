@@ -118,6 +118,17 @@ def test_torchrun_two_processes_match_one(model, tmp_path, shard):
          "one.latents.safetensors"])
 
 
+def test_cfg_parallel_without_guidance_says_so(model, tmp_path):
+    """--cfg-parallel 2 at guidance 1 works (both groups compute the one branch) and the summary says it was
+    wasted; at guidance 4 it is silent."""
+    args = ["--model", model, "--prompt", "a red circle", *SMALL, "--cfg-parallel", "2"]
+    for guidance, noted in (("1", True), ("4", False)):
+        r = _torchrun(2, *args, "--guidance", guidance, "--output", tmp_path / f"g{guidance}.mp4")
+        assert r.returncode == 0, r.stderr[-2000:]
+        notes = json.loads((tmp_path / f"g{guidance}.metrics.json").read_text()).get("notes", [])
+        assert bool(notes) == noted and ("both CFG rank groups computed the same prediction" in r.stdout) == noted
+
+
 def test_torchrun_bad_degrees_fail_before_work(model, tmp_path):
     r = _torchrun(2, "--model", model, "--prompt", "a cat", *SMALL, "--ulysses", "3", "--output", tmp_path / "x.mp4")
     assert r.returncode != 0
