@@ -9,13 +9,15 @@ from engine.attention_backend import set_attention_backend
 
 
 def _processors(module):
-    return [m.processor for m in module.modules() if hasattr(m, "processor") and hasattr(m.processor, "_attention_backend")]
+    return [m.processor for m in module.modules()
+            if hasattr(m, "processor") and hasattr(m.processor, "_attention_backend")]
 
 
 def _tiny():
     torch.manual_seed(0)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                 rope_max_seq_len=32)
 
 
 @pytest.mark.parametrize("on", ["model", "block"])

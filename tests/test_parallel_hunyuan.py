@@ -115,15 +115,15 @@ def hunyuan_cfg():
                         num_frames=17, num_inference_steps=steps, output_type="latent",
                         generator=torch.Generator().manual_seed(0), **kw).frames
 
+    dense = {}
     for guider in ("all", "late"):
         pipe.guider = ClassifierFreeGuidance(guidance_scale=4.0, start=0.0 if guider == "all" else 0.34)
         for fis in (False, True):
             state = apply_fis(pipe.transformer, FIS) if fis else None
             for trim in (False, True):
                 undo = drop_text_padding(pipe.transformer) if trim else None
-                ref = generate(state)
                 calls[0] = 0
-                generate(state)
+                ref = generate(state)
                 serial_calls = calls[0]
                 handle = parallelize_pipeline(pipe, ctx)
                 tag = f"{guider}_{'fis' if fis else 'dense'}_{'trim' if trim else 'mask'}"
@@ -136,10 +136,10 @@ def hunyuan_cfg():
                 if undo:
                     undo()
             if fis:
-                out[f"fis_effect_{guider}"] = diff(ref, dense)
+                out[f"fis_effect_{guider}"] = diff(ref, dense[guider])
                 remove_fis(pipe.transformer)
             else:
-                dense = ref
+                dense[guider] = ref
     return out
 
 
