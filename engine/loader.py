@@ -124,11 +124,11 @@ def set_scheduler(pipe, name: str = "default", shift: float | None = None) -> No
 
 
 def model_info(pipe) -> ModelInfo:
-    from .adapters import ADAPTERS
+    from .adapters import adapter_for
 
     t = transformers_of(pipe)[0]
     cfg = t.config
-    adapter = ADAPTERS[type(t).__name__]
+    adapter = adapter_for(t)
     needs_image = "image" in inspect.signature(type(pipe).__call__).parameters
     real = cfg.num_attention_heads * cfg.attention_head_dim >= 1536
     vae_s = getattr(pipe, "vae_scale_factor_spatial", 8)

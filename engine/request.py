@@ -76,8 +76,9 @@ def _int(name, v, lo, hi):
     return v
 
 
-def validate(req: GenerationRequest, info: ModelInfo) -> GenerationRequest:
-    """Fill model defaults and check everything; returns the completed request or raises UserError."""
+def validate(req: GenerationRequest, info: ModelInfo, fit_image: bool = True) -> GenerationRequest:
+    """Fill model defaults and check everything; returns the completed request or raises UserError.
+    fit_image=False leaves decoding and fitting the reference image to a caller that does it next anyway."""
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise UserError("prompt must be a non-empty string")
     if not isinstance(req.negative_prompt, str):
@@ -109,12 +110,18 @@ def validate(req: GenerationRequest, info: ModelInfo) -> GenerationRequest:
         raise UserError("image is required: this is an image-to-video model; give a reference image")
     if req.image and not info.needs_image:
         raise UserError("image is not accepted: this is a text-to-video model; drop the reference image")
-    if req.image:
+    if req.image and fit_image:
         prepare(req.image, h, w, req.image_fit)  # exists, decodes, fits (image_fit strict: the size matches)
+    out = GenerationRequest(req.prompt, req.negative_prompt, h, w, frames, req.steps, float(guidance), req.seed,
+                            req.fis, req.image, req.image_fit)
+    check_fis(out, info)
+    return out
+
+
+def check_fis(req: GenerationRequest, info: ModelInfo) -> None:
+    """The FIS configuration of a completed request against the model (blocks, latent frames, steps)."""
     if req.fis is not None:
         try:
-            req.fis.resolve(info.num_blocks, info.latent_frames(frames), req.steps)
+            req.fis.resolve(info.num_blocks, info.latent_frames(req.num_frames), req.steps)
         except FISConfigError as e:
             raise UserError(str(e)) from None
-    return GenerationRequest(req.prompt, req.negative_prompt, h, w, frames, req.steps, float(guidance), req.seed,
-                             req.fis, req.image, req.image_fit)

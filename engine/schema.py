@@ -17,7 +17,8 @@ from fis import FISConfig, FISConfigError
 
 from . import images
 from .presets import PRESETS, build_fis
-from .request import MAX_FRAMES, MAX_SIDE, RESOLUTIONS, GenerationRequest, ModelInfo, UserError, validate
+from .request import (MAX_FRAMES, MAX_SIDE, RESOLUTIONS, GenerationRequest, ModelInfo, UserError, check_fis,
+                      validate)
 
 FIELDS = ("prompt", "negative_prompt", "size", "height", "width", "num_frames", "num_inference_steps",
           "guidance_scale", "seed", "fis", "image", "image_fit")
@@ -91,14 +92,15 @@ def check_for(req: GenerationRequest, info: ModelInfo) -> GenerationRequest:
     """engine.request.validate against the loaded model, with the failing JSON field named: everything but
     FIS first (its messages start with the field), then FIS on its own."""
     try:
-        validate(replace(req, fis=None), info)
+        full = replace(validate(replace(req, fis=None), info), fis=req.fis)
     except UserError as e:
         first = str(e).split(" ", 1)[0]
         raise FieldError(_JSON_NAME.get(first, first if first in FIELDS else "request"), str(e)) from None
     try:
-        return validate(req, info)
+        check_fis(full, info)
     except UserError as e:
         raise FieldError("fis", str(e)) from None
+    return full
 
 
 def api_view(d: dict) -> dict:

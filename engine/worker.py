@@ -116,8 +116,8 @@ class Worker:
                 "degrees": {"cfg": d.cfg, "ulysses": d.ulysses, "ring": d.ring},
                 "shard": self.cfg.shard if self.ctx.is_distributed else None}
 
-    def validate(self, req: GenerationRequest) -> GenerationRequest:
-        return validate(req, self.info)
+    def validate(self, req: GenerationRequest, fit_image: bool = True) -> GenerationRequest:
+        return validate(req, self.info, fit_image)
 
     def dims(self) -> DiTDims:
         """The architecture as the FLOPs counter sees it."""
@@ -138,7 +138,7 @@ class Worker:
         """Run one request. on_step(k, n) after each step; cancel() -> True aborts (Cancelled).
         Returns {'frames': [F, H, W, 3] float array (None if not decode), 'latents': final latents,
         'metrics': dict}."""
-        req = self.validate(req)
+        req = self.validate(req, fit_image=False)  # the image is fitted just below, once
         dev, pipe = self.device, self.pipe
         extra = {}
         if self.info.needs_image:  # fitted to the video size: the pipelines' own resizing has nothing left to do

@@ -1,7 +1,7 @@
 """Generate one video.  python launch/generate.py --prompt "a red circle moving right" --fis balanced
 
-With no --model it uses the embedded tiny model (built locally, nothing downloaded). Several GPUs (or CPU
-processes, gloo): torchrun --nproc_per_node=N launch/generate.py --ulysses N ...
+With no --model it uses the embedded model shipped in engine/weights/shapes-wan (nothing downloaded).
+Several GPUs (or CPU processes, gloo): torchrun --nproc_per_node=N launch/generate.py --ulysses N ...
 Writes OUTPUT.mp4 and OUTPUT.metrics.json (and OUTPUT.latents.safetensors with --save-latents).
 """
 

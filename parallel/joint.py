@@ -41,9 +41,7 @@ class JointAttention:
 
     _attention_backend = None
     _parallel_config = None
-
-    def __init__(self, shard=None):
-        self.shard = shard
+    shard = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         q, k, v = _heads(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)  # [B, N, H, D]
