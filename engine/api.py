@@ -92,10 +92,9 @@ def create_app(service) -> FastAPI:
 
     @app.delete("/v1/videos/{video_id}")
     def delete_video(video_id: str):
-        _job(service, video_id)
-        outcome = service.store.cancel(video_id)
-        if outcome is None:  # deleted by a concurrent request
-            raise ApiError(404, "not_found", f"no video with id {video_id!r}", "video_id")
+        outcome = service.store.cancel(video_id) if ID.fullmatch(video_id) else None
+        if outcome is None:
+            raise ApiError(404, "not_found", f"no video with id {video_id[:80]!r}", "video_id")
         return {"id": video_id, "object": "video", "deleted": outcome == "deleted",
                 "status": {"cancelling": "running"}.get(outcome, outcome), "cancel_requested": outcome == "cancelling"}
 
@@ -111,7 +110,6 @@ def create_app(service) -> FastAPI:
             "id": c.model_name, "object": "model", "owned_by": "fis-engine", **service.describe,
             "replicas": c.serve.replicas, "default_fis": c.serve.fis,
             "limits": vars(c.limits), "default_size": list(service.info.default_size),
-            "image_to_video": service.info.needs_image,
             "default_frames": service.info.default_frames}]}
 
     return app

@@ -43,7 +43,10 @@ class GroupMember:
         A run with a job token stops at the next step after cancel(job) (the Worker has every rank agree)."""
         self.progress = (0, req.steps)
         cancel = None if job is None else (lambda: self._cancel == job)
-        out = self.worker.execute("generate", req, on_step=self._on_step, cancel=cancel)
+        try:
+            out = self.worker.execute("generate", req, on_step=self._on_step, cancel=cancel)
+        finally:
+            self.progress = (0, 0)  # a driver polling before the next request starts must not see this one's
         if out["frames"] is None:
             return None
         return {"frames": to_uint8(out["frames"]), "metrics": out["metrics"]}

@@ -53,7 +53,6 @@ class QueueFull(Exception):
 
     def __init__(self, capacity: int):
         super().__init__(f"the queue is full ({capacity} jobs waiting); retry later")
-        self.capacity = capacity
 
 
 class JobStore:
@@ -123,14 +122,12 @@ class JobStore:
                        (owner, now, now, row["id"]))
             return row["id"], json.loads(row["request"])
 
-    def heartbeat(self, job_id: str, step: int, steps: int) -> bool:
-        """Record progress and renew the lease; True if the client asked to cancel. steps 0 = the group has
-        not started this job's steps yet: keep the submitted count."""
-        steps = steps or None
+    def heartbeat(self, job_id: str, step: int) -> bool:
+        """Record progress (of the `steps` stored at submit) and renew the lease; True if the client asked to
+        cancel."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET step = ?, steps = COALESCE(?, steps), heartbeat_at = ? "
-                       "WHERE id = ? AND state = 'running'",
-                       (step, steps, time.time(), job_id))
+            db.execute("UPDATE jobs SET step = ?, heartbeat_at = ? WHERE id = ? AND state = 'running'",
+                       (step, time.time(), job_id))
             row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return bool(row and row["cancel"])
 

@@ -33,6 +33,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 EMBEDDED = Path(__file__).resolve().parent / "weights" / "shapes-wan"  # launch/train_shapes.py made it (issue 6)
+EMBEDDED_NAME = "embedded:shapes-wan"  # how records name it (no --model given)
 DEFAULTS_FILE = "engine_defaults.json"  # a model folder's own default size, frames, steps (the embedded model has one)
 
 

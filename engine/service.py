@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .group import GroupFailed
 from .jobs import JobStore
+from .loader import EMBEDDED_NAME
 from .request import UserError
 from .schema import FIS_NAMES, Limits, check_for, parse, request_from_dict
 from .video import mp4_bytes
@@ -55,7 +56,7 @@ class ServeConfig:
 
     @property
     def model_name(self) -> str:
-        return self.model.model or "embedded:shapes-wan"
+        return self.model.model or EMBEDDED_NAME
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG, overrides=()) -> ServeConfig:
@@ -194,7 +195,7 @@ class VideoService:
         req = request_from_dict(request)
         t0 = time.time()
         try:
-            result = self.group.run(req, lambda k, n: self.store.heartbeat(job_id, k, n))
+            result = self.group.run(req, lambda k, n: self.store.heartbeat(job_id, k))
             t1 = time.time()
             self.store.save_outputs(job_id, mp4_bytes(result["frames"]), {**result["metrics"], "id": job_id})
         except Cancelled:

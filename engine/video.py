@@ -82,11 +82,7 @@ def mp4_bytes(frames, fps: int = 16) -> bytes:
 
 
 def write_json(obj, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = _atomic(path, ".json")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_bytes(json.dumps(obj, indent=2, default=str).encode(), path)
 
 
 def save_latents(latents, path: str | Path) -> Path:

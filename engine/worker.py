@@ -21,7 +21,8 @@ from .attention_backend import set_attention_backend
 from .compile import compile_blocks
 from .fis_hooks import FISState, apply_fis
 from .images import prepare as prepare_image
-from .loader import load_loras, load_pipeline, model_info, pick_device, pick_dtype, set_scheduler, transformers_of
+from .loader import (EMBEDDED_NAME, load_loras, load_pipeline, model_info, pick_device, pick_dtype, set_scheduler,
+                     transformers_of)
 from .pipelines import PipelineCall
 from .request import GenerationRequest, UserError, validate
 
@@ -109,7 +110,7 @@ class Worker:
     def describe(self) -> dict:
         t = self.transformers[0]
         d = self.ctx.degrees
-        return {"model": self.cfg.model or "embedded:shapes-wan", "pipeline": type(self.pipe).__name__,
+        return {"model": self.cfg.model or EMBEDDED_NAME, "pipeline": type(self.pipe).__name__,
                 "arch": self.info.arch, "image_to_video": self.info.needs_image, "experts": len(self.transformers),
                 "blocks": self.info.num_blocks, "family": self.info.family,
                 "device": str(self.device), "dtype": str(t.dtype), "world_size": self.ctx.world_size,

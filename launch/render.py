@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         if a.fis.lower() not in FIS_NAMES:
             raise UserError(f"--fis must be one of {', '.join(FIS_NAMES)}, got {a.fis!r}")
         ranks = ranks_of(cfg)  # checks the degrees
-        if (a.groups or 1) < 1:
+        if a.groups is not None and a.groups < 1:
             raise UserError("--groups must be >= 1")
         if world % ranks:
             raise UserError(f"{world} process(es) cannot form render groups of {ranks}: run under torchrun with "

@@ -119,3 +119,14 @@ def test_bad_degrees_are_refused_before_work(tmp_path, capsys):
     assert e.value.code == 2
     assert "ulysses must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_zero_groups_is_refused(tmp_path, capsys):
+    """--groups 0 is an error, not "as many as fit" (which is --groups left out)."""
+    from launch.render import main
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a cat"}\n')
+    with pytest.raises(SystemExit) as e:
+        main([str(manifest), "--output-dir", str(tmp_path / "out"), "--groups", "0"])
+    assert e.value.code == 2 and "--groups must be >= 1" in capsys.readouterr().err
