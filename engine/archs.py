@@ -13,6 +13,7 @@ import torch
 
 from fis import DiTDims
 
+from .loader import pick_dtype
 from .request import RESOLUTIONS
 
 
@@ -67,8 +68,9 @@ MODELS = {
 
 
 def model_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on the GPU (the benchmark); fp32 for the CPU smoke run, where bf16 matmuls are emulated and slow."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bf16 on the GPU (the benchmark); fp32 for the CPU smoke run, where bf16 matmuls are emulated and slow:
+    the engine's 'auto' dtype."""
+    return pick_dtype("auto", device)
 
 
 @contextlib.contextmanager

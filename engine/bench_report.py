@@ -38,7 +38,6 @@ def save(report: dict, path: str | None) -> None:
         return
     from .video import write_json  # temp + rename: a run killed mid-write leaves the previous whole file
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     rows = [{k: v for k, v in r.items() if k != "latents"} for r in report["rows"]]
     write_json({**report, "rows": rows}, path)
 

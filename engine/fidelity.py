@@ -16,7 +16,7 @@ import torch
 
 from fis import FISConfig, FISConfigError
 
-from .presets import load_fis
+from .bench import ROWS, Row
 from .request import GenerationRequest, UserError
 from .shapes import COLOURS, DIRECTIONS, adherence, parse_prompt, sample_spec
 from .video import to_uint8, write_mp4
@@ -27,17 +27,17 @@ DENSE = "Dense"
 # in a 49x64x64 clip is already ~106 dB). Rows also say `identical`.
 PSNR_CAP = 100.0
 
-# One line per configuration: (name, preset, overrides on top of the model family's preset).
+# The configurations, as the speed benchmark defines its rows (the Table 3 and operator ablations are its own).
 CONFIGS = (
-    ("FIS-Balanced", "balanced", {}),
-    ("FIS-Fast", "fast", {}),
-    ("FIS-Balanced-fixed", "balanced", {"interleave": False}),  # Table 2: the same anchors in every block
-    ("FIS-Fast-fixed", "fast", {"interleave": False}),
-    ("FIS-no-block-protection", "balanced", {"dense_head": 0, "dense_tail": 0}),  # Table 3
-    ("FIS-no-step-protection", "balanced", {"dense_steps": 0}),
-    ("FIS-no-protection", "balanced", {"dense_head": 0, "dense_tail": 0, "dense_steps": 0}),
-    ("FIS-linear", "balanced", {"operator": "linear"}),  # operator: FIS-Balanced is 'residual'
-    ("FIS-first-step", "balanced", {"dense_steps": 3}),  # stride 3 on step 0 of 4 only: the gentlest setting
+    ROWS["FIS-Balanced"],
+    ROWS["FIS-Fast"],
+    Row("FIS-Balanced-fixed", "balanced", (("interleave", False),)),  # Table 2: the same anchors in every block
+    Row("FIS-Fast-fixed", "fast", (("interleave", False),)),
+    ROWS["FIS-no-block-protection"],  # Table 3
+    ROWS["FIS-no-step-protection"],
+    ROWS["FIS-no-protection"],
+    ROWS["FIS-linear"],  # operator: FIS-Balanced is 'residual'
+    Row("FIS-first-step", "balanced", (("dense_steps", 3),)),  # stride 3 on step 0 of 4 only: the gentlest setting
 )
 # The paper's orderings, as (claim, better, worse) by mean PSNR vs dense.
 ORDERINGS = (
@@ -54,14 +54,14 @@ ORDERINGS = (
 
 def configurations(family: str, names: list[str] | None = None) -> list[tuple[str, FISConfig | None]]:
     """Dense first (the reference), then the named configurations (default: all) in table order."""
-    known = {n.lower(): n for n, _, _ in CONFIGS}
+    known = {r.name.lower(): r.name for r in CONFIGS}
     want = None if names is None else {n.strip().lower() for n in names if n.strip()} - {DENSE.lower()}
     if want is not None and want - set(known):
         raise UserError(f"unknown configuration(s) {sorted(want - set(known))}; valid: {', '.join(known.values())}")
     rows = [(DENSE, None)]
-    for name, preset, overrides in CONFIGS:
-        if want is None or name.lower() in want:
-            rows.append((name, load_fis(preset, family).replace(name=name, **overrides)))
+    for r in CONFIGS:
+        if want is None or r.name.lower() in want:
+            rows.append((r.name, r.fis(family)))
     return rows
 
 

@@ -13,7 +13,6 @@ Three stages, all seeded, into one ordinary WanPipeline folder:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import shapes
+from .video import to_uint8, write_json
 
 VOCAB = " ".join(["a", "an", "the", "on", "moving", "background", *shapes.COLOURS, *shapes.SHAPES, *shapes.DIRECTIONS,
                   *shapes.SPEEDS, *shapes.BACKGROUNDS])
@@ -238,7 +238,7 @@ def check_adherence(pipe, cfg: TrainConfig, prompts: int, seed: int = 1234) -> f
         video = pipe(prompt=spec.prompt(), height=cfg.size, width=cfg.size, num_frames=cfg.frames,
                      num_inference_steps=4, guidance_scale=1.0, max_sequence_length=cfg.text_len,  # as trained
                      output_type="np", generator=torch.Generator("cpu").manual_seed(i)).frames[0]
-        res = shapes.adherence((np.clip(video, 0, 1) * 255).round().astype(np.uint8), spec)
+        res = shapes.adherence(to_uint8(video), spec)
         ok.append(res["colour"] and res["direction"])
     return float(np.mean(ok)) if ok else None
 
@@ -251,7 +251,7 @@ def save(pipe, out, report: dict) -> None:
     for m in (pipe.transformer, pipe.text_encoder):  # the patch VAE is 6k numbers: it stays fp32
         m.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
-    (Path(out) / "training.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_json(report, Path(out) / "training.json")
     defaults = {"height": report["config"]["size"], "width": report["config"]["size"],
                 "num_frames": report["config"]["frames"], "steps": 4, "guidance": 1.0}
-    (Path(out) / "engine_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
+    write_json(defaults, Path(out) / "engine_defaults.json")

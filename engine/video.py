@@ -82,6 +82,8 @@ def mp4_bytes(frames, fps: int = 16) -> bytes:
 
 
 def write_json(obj, path: str | Path) -> Path:
+    """Atomic, into a folder made if missing (reports land in new folders; outputs are checked before work)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return write_bytes(json.dumps(obj, indent=2, default=str).encode(), path)
 
 

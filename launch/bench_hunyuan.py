@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from engine.archs import default_dtype, model_dtype
 from engine.bench import StepTimer, fidelity
 from engine.fis_hooks import apply_fis, remove_fis
 from engine.presets import load_fis
 from engine.video import write_json
-from fis.flops import HUNYUAN_VIDEO_15, UNIT, generation_flops
+from fis.flops import HUNYUAN_VIDEO_15, UNIT, DiTDims, generation_flops
 from parallel.joint import drop_text_padding
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=6, num_refiner_layers=1, text_embed_dim=32,
@@ -37,14 +38,14 @@ def build(o):
     from diffusers import HunyuanVideo15Transformer3DModel
 
     torch.manual_seed(o.seed)
-    with torch.device(o.device):
+    with torch.device(o.device), default_dtype(model_dtype(o.device)):  # never a full fp32 copy of the 8B weights
         m = HunyuanVideo15Transformer3DModel(**(TINY if o.tiny else {}))
-    return m.to(torch.float32 if o.tiny else torch.bfloat16).eval().requires_grad_(False)
+    return m.eval().requires_grad_(False)
 
 
 def inputs(m, o):
     c, dev, dt = m.config, o.device, next(m.parameters()).dtype
-    f, h, w = (9, 4, 6) if o.tiny else ((o.frames - 1) // 4 + 1, o.height // 16, o.width // 16)
+    f, h, w = (o.frames - 1) // 4 + 1, o.height // 16, o.width // 16  # VAE x4 in time, x16 in space
     g = torch.Generator(dev).manual_seed(o.seed)
     rnd = lambda *s: torch.randn(*s, generator=g, device=dev, dtype=dt)
     n_text, n_byt5, n_img = (8, 4, 4) if o.tiny else (1000, 256, 729)
@@ -95,9 +96,10 @@ def run_row(m, noise, extra, cond, fis, o) -> dict:
         if state is not None:
             remove_fis(m)
     step_s = [statistics.median(r[1][i] for r in runs) for i in range(o.steps)]
-    plan = fis.resolve(m.config.num_layers, (o.frames - 1) // 4 + 1, o.steps) if fis is not None else None
+    dims = DiTDims.from_hunyuan15_config(m.config) if o.tiny else HUNYUAN_VIDEO_15  # the paper's count at size
+    plan = None if fis is None else fis.resolve(m.config.num_layers, noise.shape[2], o.steps)
     return {"total_s": sum(step_s), "step_s": step_s, "latents": runs[-1][0],
-            "flops_P": generation_flops(HUNYUAN_VIDEO_15, o.frames, o.height, o.width, o.steps, plan) / UNIT,
+            "flops_P": generation_flops(dims, o.frames, o.height, o.width, o.steps, plan) / UNIT,
             "peak_gib": torch.cuda.max_memory_allocated(o.device) / 2**30 if o.device.type == "cuda" else None}
 
 
@@ -117,8 +119,13 @@ def main(argv=None):
     p.add_argument("--out")
     o = p.parse_args(argv)
     o.device = torch.device("cuda" if torch.cuda.is_available() and not o.tiny else "cpu")
-    if o.tiny:
-        o.steps, o.repeats = 3, 1
+    if o.tiny:  # a 9 x 4 x 6 latent grid
+        o.steps, o.repeats, o.frames, o.height, o.width = 3, 1, 33, 64, 96
+    rows, contexts = o.rows.split(","), o.context.split(",")
+    if "Dense" not in rows or "trimmed" not in contexts:
+        p.error("speedups are against trimmed Dense: --rows needs Dense and --context needs trimmed")
+    rows.sort(key=lambda r: r != "Dense")  # the reference first
+    contexts.sort(key=lambda c: c != "trimmed")
     m = build(o)
     noise, extra, cond = inputs(m, o)
     presets = {"Dense": None, "FIS-Balanced": load_fis("balanced", "hunyuanvideo1.5-8b"),
@@ -126,10 +133,10 @@ def main(argv=None):
     report = {"gpu": torch.cuda.get_device_name(o.device) if o.device.type == "cuda" else "cpu",
               "torch": torch.__version__, "setting": vars(o) | {"device": str(o.device)}, "rows": []}
     dense = None
-    for context in o.context.split(","):
+    for context in contexts:
         undo = drop_text_padding(m) if context == "trimmed" else None
         try:
-            for name in o.rows.split(",") if context == "trimmed" else ["Dense"]:
+            for name in rows if context == "trimmed" else ["Dense"]:
                 row = run_row(m, noise, extra, cond, presets[name], o)
                 latents = row.pop("latents")
                 dense = dense or (row["total_s"], latents)  # the first row: trimmed Dense

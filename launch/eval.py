@@ -9,7 +9,6 @@ and eval_psnr.png / eval_frame_psnr.png. Configurations: engine/fidelity.py CONF
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import time
@@ -59,8 +58,9 @@ def main(argv=None) -> int:
 def inputs(a):
     from engine.fidelity import prompt_set
     from engine.request import UserError
+    from parallel import world_size_from_env
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size_from_env() > 1:
         raise UserError("eval runs in one process; run it without torchrun")
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]

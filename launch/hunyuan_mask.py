@@ -14,7 +14,6 @@ which --valid-text Qwen tokens are valid (t2v: no ByT5 glyphs, the image tokens 
 """
 
 import argparse
-import json
 import sys
 import time
 from contextlib import nullcontext
@@ -27,6 +26,7 @@ import diffusers.models.transformers.transformer_hunyuan_video15 as hv15
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine.video import write_json
 from parallel.joint import JointAttention
 
 BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -92,7 +92,7 @@ def main() -> None:
                 rows.append({"backend": backend, "variant": name, "error": str(e).splitlines()[0][:200]})
                 print(f"{backend:>9} {name:>8}: unsupported ({rows[-1]['error'][:80]})")
     if a.json:
-        a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "S": s, "rows": rows}, indent=1))
+        write_json({"args": {k: str(v) for k, v in vars(a).items()}, "S": s, "rows": rows}, a.json)
 
 
 if __name__ == "__main__":

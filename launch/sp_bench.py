@@ -171,7 +171,7 @@ def main(argv=None) -> dict | None:
         say(f"== {spec.name} {res}: {frames} frames {width}x{height}, {world} processes {ctx.degrees}", flush=True)
         fresh = s is None
         s = setup_for(s, spec, frames, height, width, o)
-        if fresh and o.compile != "off":
+        if fresh:
             compile_blocks(s.experts, o.compile)  # before any hook: the hooks stay eager around the graphs
         if o.attention_backend:
             for m in s.experts:
@@ -205,7 +205,6 @@ def main(argv=None) -> dict | None:
             f"all-to-all {100 * p['all_to_all_share']:.1f}%, all-gather {100 * p['all_gather_share']:.1f}% "
             f"of {p['total_ms']:.0f} ms", flush=True)
     if ctx.is_main and o.out:
-        Path(o.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(report, o.out)
     destroy_parallel()
     return report if ctx.is_main else None

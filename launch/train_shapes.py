@@ -35,10 +35,14 @@ def main(argv=None) -> int:
 
     import torch
 
+    from engine.loader import pick_device
+    from engine.request import UserError
     from engine.shapes_train import TrainConfig, check_adherence, save, train
 
-    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if a.device == "auto" else a.device))
+    try:
+        dev = pick_device(a.device)
+    except UserError as e:
+        p.error(str(e))
     cfg = TrainConfig(seed=a.seed)
     if a.smoke:
         cfg = TrainConfig(seed=a.seed, frames=9, size=32, clips=16, pca_clips=16, dit_steps=3, dit_batch=2, layers=2,

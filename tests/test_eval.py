@@ -82,7 +82,7 @@ def test_cli_end_to_end_two_prompts(tmp_path, tiny_path):
     out = tmp_path / "ev"
     assert main(["--model", str(tiny_path("t2v")), "--prompts", "2", *SMALL, "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
-    names = [fidelity.DENSE] + [n for n, _, _ in fidelity.CONFIGS]
+    names = [fidelity.DENSE] + [r.name for r in fidelity.CONFIGS]
     assert list(report["summary"]) == names and len(report["samples"]) == 2 * len(names)
     assert report["summary"]["Dense"]["psnr_min"] == fidelity.PSNR_CAP
     assert report["command"].startswith("python launch/eval.py") and report["versions"]["torch"]
