@@ -25,12 +25,33 @@ def tiny_path():
     return lambda variant="t2v": ensure_tiny(variant)
 
 
-def run_cli(script: str, *args, cwd=None, timeout=300):
+def run_cli(script: str, *args, nproc: int | None = None, cwd=None, timeout=300):
+    """launch/<script> in a subprocess; nproc: under torchrun with that many processes (gloo on CPU)."""
     import subprocess
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "launch" / script), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=timeout)
+    torchrun = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([sys.executable, *torchrun, str(ROOT / "launch" / script), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_hunyuan_transformer(heads: int = 2):
+    """A tiny random HunyuanVideo15Transformer3DModel (5 dual-stream blocks), seed 0."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=heads, attention_head_dim=16, num_layers=5,
+        num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(4, 6, 6),
+        target_size=32).eval()
 
 
 @pytest.fixture(autouse=True)

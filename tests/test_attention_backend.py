@@ -1,9 +1,8 @@
 """engine.attention_backend: the backend lands on the model's layers, not on the process."""
 
 import pytest
-import torch
-from diffusers import WanTransformer3DModel
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+from parallel_worker import _bare_transformer
 
 from engine.attention_backend import set_attention_backend
 
@@ -14,10 +13,7 @@ def _processors(module):
 
 
 def _tiny():
-    torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
-                                 rope_max_seq_len=32)
+    return _bare_transformer(heads=2)
 
 
 @pytest.mark.parametrize("on", ["model", "block"])

@@ -1,19 +1,15 @@
 """The embedded model (issue 6): shipped weights that load offline and make videos that obey their prompt."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from engine import shapes
 from engine.patch_vae import PatchVAE
 from engine.video_metrics import psnr
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +78,7 @@ def test_patch_vae_is_an_exact_inverse_with_a_full_basis_and_close_with_the_ship
 
 def test_training_script_runs_and_its_output_loads(tmp_path):
     out = tmp_path / "m"
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "train_shapes.py"), "--out", str(out), "--smoke",
-                        "--workers", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    r = run_cli("train_shapes.py", "--out", out, "--smoke", "--workers", "1", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "training.json").read_text())
     assert report["config"]["done"]["dit_steps"] == 3 and report["pca_variance_kept"] > 0.5

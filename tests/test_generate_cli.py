@@ -88,14 +88,7 @@ def test_bad_input_through_a_real_process(model, tmp_path):
 
 
 def _torchrun(n, *args):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--standalone",
-           str(ROOT / "launch" / "generate.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return run_cli("generate.py", *args, nproc=n)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_hunyuan_transformer
 
 from engine.fis_hooks import apply_fis, remove_fis
 from fis import FISConfig
@@ -9,13 +10,7 @@ from fis import FISConfig
 
 @pytest.fixture(scope="module")
 def model_and_inputs():
-    from diffusers import HunyuanVideo15Transformer3DModel
-
-    torch.manual_seed(0)
-    m = HunyuanVideo15Transformer3DModel(
-        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=5,
-        num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(4, 6, 6),
-        target_size=32).eval()
+    m = tiny_hunyuan_transformer()
     mask = torch.ones(1, 5, dtype=torch.long)
     mask[:, 4] = 0  # a padded text token, as the pipeline produces
     args = (torch.randn(1, 9, 7, 4, 6), torch.tensor([600.0]), torch.randn(1, 5, 16), mask)

@@ -7,13 +7,13 @@ start-up dominates on CPU) and the tests below read their results.
 from __future__ import annotations
 
 import json
-import socket
 
 import parallel_worker
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from parallel import Degrees, ParallelContext, TokenLayout, init_parallel, parallelize_pipeline
 
@@ -25,12 +25,6 @@ WORLD_SCENARIOS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """results(world, scenario) -> its metrics; the first call for a world size spawns it and runs them all."""
@@ -39,7 +33,7 @@ def results(tmp_path_factory):
     def get(world: int, name: str) -> dict:
         if world not in cache:
             path = tmp_path_factory.mktemp("parallel") / f"world{world}.json"
-            mp.spawn(parallel_worker.main, args=(world, _free_port(), str(path), WORLD_SCENARIOS[world]), nprocs=world)
+            mp.spawn(parallel_worker.main, args=(world, free_port(), str(path), WORLD_SCENARIOS[world]), nprocs=world)
             cache[world] = json.loads(path.read_text())
         r = cache[world][name]
         assert "error" not in r, r.get("error")

@@ -7,12 +7,12 @@ Every parallel output is compared with the single-process output of the unmodifi
 from __future__ import annotations
 
 import json
-import socket
 
 import parallel_worker
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port, tiny_hunyuan_transformer
 
 from engine.fis_hooks import apply_fis, remove_fis
 from fis import FISConfig
@@ -23,16 +23,6 @@ TOL = 1e-5
 SHAPES = ((6, 4, 6), (7, 3, 5))  # latent [F, H, W]: even for 2 ranks in both layouts; 7 frames / 15 tokens: not
 TEXTS = ("padded", "trimmed", "full", "batch")
 FIS = FISConfig(stride=3, dense_head=1, dense_tail=1)
-
-
-def _model(heads: int = 2):
-    from diffusers import HunyuanVideo15Transformer3DModel
-
-    torch.manual_seed(0)
-    return HunyuanVideo15Transformer3DModel(
-        in_channels=9, out_channels=4, num_attention_heads=heads, attention_head_dim=16, num_layers=5,
-        num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(4, 6, 6),
-        target_size=32).eval()
 
 
 def _inputs(shape, text: str):
@@ -63,7 +53,7 @@ def hunyuan_sp():
     even / uneven token counts (the text splits unevenly too: 5 valid tokens over 2 ranks)."""
     diff, world = parallel_worker._diff, torch.distributed.get_world_size()
     ctx = parallel_worker._ctx(ulysses=world)
-    m, out = _model(heads=world), {}
+    m, out = tiny_hunyuan_transformer(heads=world), {}
     for shape in SHAPES if world == 2 else SHAPES[1:]:  # 4 ranks (time): the uneven shape, no mask and a key mask
         for text in TEXTS if world == 2 else TEXTS[1::2]:
             given = "padded" if text == "trimmed" else text
@@ -156,11 +146,8 @@ def sp_results(tmp_path_factory):
 
     def get(world: int, scenario: str = "hunyuan_sp") -> dict:
         if world not in cache:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
             path = tmp_path_factory.mktemp("hunyuan_sp") / f"world{world}.json"
-            mp.spawn(_spawned, args=(world, port, str(path), ["hunyuan_sp", "hunyuan_cfg"]), nprocs=world)
+            mp.spawn(_spawned, args=(world, free_port(), str(path), ["hunyuan_sp", "hunyuan_cfg"]), nprocs=world)
             cache[world] = json.loads(path.read_text())
         got = cache[world][scenario]
         assert "error" not in got, got.get("error")
@@ -197,7 +184,7 @@ def test_fis_cases_were_sparse(sp_results):
 
 # ---- one process -------------------------------------------------------------------------------------------
 def test_bad_degrees_fail_before_anything_is_attached():
-    m = _model(heads=4)
+    m = tiny_hunyuan_transformer(heads=4)
     ctx = ParallelContext(Degrees(ulysses=8), world_size=8)
     with pytest.raises(ValueError, match="ulysses degree 8 must divide the model's 4 attention heads"):
         parallelize_transformer(m, ctx)
@@ -215,7 +202,7 @@ def test_no_dense_mask_same_output():
     """JointAttention (padded keys left out, no mask), and padding dropped before the blocks, equal diffusers'
     dense-mask attention; the padding does matter (ignoring the mask changes the output), and the undo restores
     the model exactly."""
-    m, shape = _model(), SHAPES[1]
+    m, shape = tiny_hunyuan_transformer(), SHAPES[1]
     ref = _run(m, shape, "padded")
     procs, undo = install_joint_attention(m)
     assert abs(_run(m, shape, "padded") - ref).max() <= TOL
@@ -248,7 +235,7 @@ def test_no_dense_mask_same_output():
 @torch.no_grad()
 def test_batch_of_unequal_prompts():
     """Two prompts of different lengths in one batch: a [B, 1, 1, S] key mask; trimmed to the longer prompt."""
-    m, shape = _model(), SHAPES[0]
+    m, shape = tiny_hunyuan_transformer(), SHAPES[0]
     ref = _run(m, shape, "batch")
     for install in (install_joint_attention, drop_text_padding):
         undo = install(m)

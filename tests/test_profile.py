@@ -140,19 +140,12 @@ def other_pipeline(tmp_path_factory):
 @pytest.mark.slow
 def test_profile_under_sequence_parallelism_matches_one_process(tiny_path, tmp_path):
     """torchrun, 2 gloo ranks, spatial shards: the shard sums give the one-process Eq. 3 and Eq. 6 numbers."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
+    from conftest import run_cli
 
     args = ["run", "--model", str(tiny_path("t2v")), "--prompt", "a red circle moving right", "--stride", "2", *ARGS]
-    script = str(ROOT / "launch" / "profile_fis.py")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-                        *args, "--ulysses", "2", "--out", str(tmp_path / "sp")], capture_output=True, text=True,
-                       timeout=300)
+    r = run_cli("profile_fis.py", *args, "--ulysses", "2", "--out", tmp_path / "sp", nproc=2)
     assert r.returncode == 0, r.stderr[-2000:]
-    r1 = subprocess.run([sys.executable, script, *args, "--out", str(tmp_path / "one")], capture_output=True,
-                        text=True, timeout=300)
+    r1 = run_cli("profile_fis.py", *args, "--out", tmp_path / "one")
     assert r1.returncode == 0, r1.stderr[-2000:]
     sp, one = (json.loads((tmp_path / d / "profile.json").read_text()) for d in ("sp", "one"))
     assert sp["model"]["world_size"] == 2

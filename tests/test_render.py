@@ -5,11 +5,9 @@ with one bad line on a local Ray cluster (2 render groups), a re-run that skips 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
 from engine.render import Batch, read_manifest
 from engine.video import read_mp4
@@ -98,9 +96,7 @@ def test_batch_on_ray_resume_and_torchrun(tiny_path, tmp_path):
 
     for n in (2, 4):  # deleted outputs come back from other groups, identical: same line and seed, same video
         (out / f"{ids[n]}.metrics.json").unlink()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(ROOT / "launch" / "render.py"), str(manifest), "--output-dir", str(out), "--model",
-                        str(model), "--no-progress"], capture_output=True, text=True, timeout=300)
+    r = run_cli("render.py", manifest, "--output-dir", out, "--model", model, "--no-progress", nproc=2)
     s = json.loads((out / "summary.json").read_text())
     assert r.returncode == 0, r.stderr
     assert (s["backend"], s["groups"], s["done"], s["skipped"], s["failed"]) == ("torchrun", 2, 2, 3, 1)

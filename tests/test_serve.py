@@ -5,13 +5,13 @@ last one restarts it."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
 import requests
+from conftest import free_port
 from ray import serve
 
 from engine.jobs import JobStore
@@ -30,12 +30,6 @@ def _actor(prefix: str):
     """A named actor, wherever its namespace (replicas create their workers in their own)."""
     a = next(a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
     return ray.get_actor(a["name"], namespace=a["namespace"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Client:
@@ -115,7 +109,7 @@ def config(tiny_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(config):
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(serve_app(config), name="fis", route_prefix="/")
     yield Client(f"http://127.0.0.1:{port}", JobStore(config.serve.output_dir))
@@ -289,7 +283,7 @@ def test_worker_killed_mid_job(client):
 
 
 @pytest.mark.slow
-def test_restart_keeps_jobs(client, config):
+def test_restart_keeps_jobs(client):
     """Kill the replica (a crash: no shutdown code runs). Serve starts a new one on the same job store: completed
     jobs are still listed and downloadable; the job that was running is reported failed ('interrupted') once its
     lease runs out. Then a clean shutdown reports its running job interrupted at once."""

@@ -141,10 +141,9 @@ def test_adapter_rejects_unknown_models():
 
 
 @pytest.mark.slow
-def test_compiled_blocks_under_fis_match_eager(tiny_path):
+def test_compiled_blocks_under_fis_match_eager(tiny_path, worker):
     """--compile static: the blocks' own maths is compiled, the FIS hooks stay eager around it."""
-    eager = Worker(WorkerConfig(model=str(tiny_path("t2v"))))
-    eager.image = None
+    eager = worker("t2v")
     compiled = Worker(WorkerConfig(model=str(tiny_path("t2v")), compile="static"))
     compiled.image = None
     cfg = FISConfig(stride=2, dense_head=1, dense_tail=1)
