@@ -87,16 +87,22 @@ def create_app(service) -> FastAPI:
         data = service.store.video_bytes(video_id)
         if data is None:
             raise ApiError(404, "not_found", f"the file of video {video_id} is gone from the output directory")
-        return Response(data, media_type="video/mp4",
-                        headers={"Content-Disposition": f'attachment; filename="{video_id}.mp4"'})
+        return Response(
+            data, media_type="video/mp4", headers={"Content-Disposition": f'attachment; filename="{video_id}.mp4"'}
+        )
 
     @app.delete("/v1/videos/{video_id}")
     def delete_video(video_id: str):
         outcome = service.store.cancel(video_id) if ID.fullmatch(video_id) else None
         if outcome is None:
             raise ApiError(404, "not_found", f"no video with id {video_id[:80]!r}", "video_id")
-        return {"id": video_id, "object": "video", "deleted": outcome == "deleted",
-                "status": {"cancelling": "running"}.get(outcome, outcome), "cancel_requested": outcome == "cancelling"}
+        return {
+            "id": video_id,
+            "object": "video",
+            "deleted": outcome == "deleted",
+            "status": {"cancelling": "running"}.get(outcome, outcome),
+            "cancel_requested": outcome == "cancelling",
+        }
 
     @app.get("/healthz")
     def healthz():
@@ -106,11 +112,22 @@ def create_app(service) -> FastAPI:
     @app.get("/v1/models")
     def models():
         c = service.config
-        return {"object": "list", "data": [{
-            "id": c.model_name, "object": "model", "owned_by": "fis-engine", **service.describe,
-            "replicas": c.serve.replicas, "default_fis": c.serve.fis,
-            "limits": vars(c.limits), "default_size": list(service.info.default_size),
-            "default_frames": service.info.default_frames}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": c.model_name,
+                    "object": "model",
+                    "owned_by": "fis-engine",
+                    **service.describe,
+                    "replicas": c.serve.replicas,
+                    "default_fis": c.serve.fis,
+                    "limits": vars(c.limits),
+                    "default_size": list(service.info.default_size),
+                    "default_frames": service.info.default_frames,
+                }
+            ],
+        }
 
     return app
 
@@ -129,14 +146,16 @@ async def _read_json(request: Request, limit: int, image_allowance: int = 0):
     total = limit + image_allowance
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > total:
-        raise ApiError(413, "request_too_large", f"request body is {declared} bytes; the limit is {total} "
-                                                 f"(an image included)")
+        raise ApiError(
+            413, "request_too_large", f"request body is {declared} bytes; the limit is {total} (an image included)"
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > total:
-            raise ApiError(413, "request_too_large", f"request body exceeds the limit of {total} bytes "
-                                                     f"(an image included)")
+            raise ApiError(
+                413, "request_too_large", f"request body exceeds the limit of {total} bytes (an image included)"
+            )
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
@@ -144,6 +163,7 @@ async def _read_json(request: Request, limit: int, image_allowance: int = 0):
         raise ApiError(400, "invalid_request_error", f"request body is not valid JSON: {e}", "body") from None
     image = body.get("image") if isinstance(body, dict) else None
     if size - (len(image) if isinstance(image, str) else 0) > limit:
-        raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes (not counting "
-                                                 f"the image)")
+        raise ApiError(
+            413, "request_too_large", f"request body exceeds the limit of {limit} bytes (not counting the image)"
+        )
     return body

@@ -17,15 +17,40 @@ from .loader import pick_dtype
 from .request import RESOLUTIONS
 
 
-_WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_WAN = dict(
+    patch_size=(1, 2, 2),
+    attention_head_dim=128,
+    text_dim=4096,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
 # Wan 2.2 VAE (TI2V-5B, 48 latent channels); AutoencoderKLWan's defaults are the Wan 2.1 VAE. Latent statistics
 # only rescale the input, so neutral ones keep the timing real.
-_VAE_2_2 = dict(base_dim=160, decoder_base_dim=256, z_dim=48, in_channels=12, out_channels=12, patch_size=2,
-                is_residual=True, scale_factor_spatial=16, scale_factor_temporal=4,
-                latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
-_TINY = dict(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=6,
-             rope_max_seq_len=64)
+_VAE_2_2 = dict(
+    base_dim=160,
+    decoder_base_dim=256,
+    z_dim=48,
+    in_channels=12,
+    out_channels=12,
+    patch_size=2,
+    is_residual=True,
+    scale_factor_spatial=16,
+    scale_factor_temporal=4,
+    latents_mean=[0.0] * 48,
+    latents_std=[1.0] * 48,
+)
+_TINY = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=6,
+    rope_max_seq_len=64,
+)
 _TINY_VAE = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
 TINY_VIDEO = (33, 64, 64)  # frames, height, width: 9 latent frames, so stride 5 still leaves interpolated frames
 
@@ -51,19 +76,33 @@ class ModelSpec:
 
     def tiny(self) -> "ModelSpec":
         """Same structure (experts, channels, per-token timesteps, VAE kind) at toy width, for the CPU smoke run."""
-        return replace(self, name=f"{self.name} (tiny)", transformer={**self.transformer, **_TINY},
-                       vae={**self.vae, **_TINY_VAE}, text_len=16)
+        return replace(
+            self,
+            name=f"{self.name} (tiny)",
+            transformer={**self.transformer, **_TINY},
+            vae={**self.vae, **_TINY_VAE},
+            text_len=16,
+        )
 
 
 MODELS = {
-    "wan2.2-a14b": ModelSpec("wan2.2-a14b", dict(_WAN, num_attention_heads=40, in_channels=16, out_channels=16,
-                                                 ffn_dim=13824, num_layers=40), experts=2, boundary_ratio=0.875),
-    "wan2.2-ti2v-5b": ModelSpec("wan2.2-ti2v-5b", dict(_WAN, num_attention_heads=24, in_channels=48, out_channels=48,
-                                                       ffn_dim=14336, num_layers=30),
-                                expand_timesteps=True, vae=_VAE_2_2, vae_s=16,
-                                sizes={"720p": (704, 1280)}),  # 16x VAE + 2x2 patch: sides divisible by 32
-    "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", dict(_WAN, num_attention_heads=12, in_channels=16, out_channels=16,
-                                                 ffn_dim=8960, num_layers=30)),
+    "wan2.2-a14b": ModelSpec(
+        "wan2.2-a14b",
+        dict(_WAN, num_attention_heads=40, in_channels=16, out_channels=16, ffn_dim=13824, num_layers=40),
+        experts=2,
+        boundary_ratio=0.875,
+    ),
+    "wan2.2-ti2v-5b": ModelSpec(
+        "wan2.2-ti2v-5b",
+        dict(_WAN, num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336, num_layers=30),
+        expand_timesteps=True,
+        vae=_VAE_2_2,
+        vae_s=16,
+        sizes={"720p": (704, 1280)},
+    ),  # 16x VAE + 2x2 patch: sides divisible by 32
+    "wan2.1-1.3b": ModelSpec(
+        "wan2.1-1.3b", dict(_WAN, num_attention_heads=12, in_channels=16, out_channels=16, ffn_dim=8960, num_layers=30)
+    ),
 }
 
 
@@ -109,8 +148,14 @@ def build_block(config: dict, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     with torch.device(device), default_dtype(model_dtype(device)):
-        block = WanTransformerBlock(dim, config["ffn_dim"], config["num_attention_heads"], config["qk_norm"],
-                                    config["cross_attn_norm"], config["eps"])
+        block = WanTransformerBlock(
+            dim,
+            config["ffn_dim"],
+            config["num_attention_heads"],
+            config["qk_norm"],
+            config["cross_attn_norm"],
+            config["eps"],
+        )
     for name, p in block.named_parameters():
         if name.split(".")[0] in ("scale_shift_table", "norm1", "norm2", "norm3"):
             p.data = p.data.float()
@@ -132,13 +177,29 @@ def build_random_pipeline(name: str, device: torch.device, seed: int = 0):
     tokenizer = build_tokenizer(max_length=spec.text_len)
     torch.manual_seed(seed)
     with torch.device(device), default_dtype(model_dtype(device)):
-        text_encoder = UMT5EncoderModel(UMT5Config(
-            vocab_size=len(tokenizer), d_model=spec.transformer["text_dim"], d_kv=64, d_ff=256, num_layers=1,
-            num_heads=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=spec.transformer["text_dim"],
+                d_kv=64,
+                d_ff=256,
+                num_layers=1,
+                num_heads=8,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        ).eval()
     with torch.device(device):
         vae = AutoencoderKLWan(**spec.vae).eval()
     experts = [build_transformer(spec.transformer, device, seed + i) for i in range(spec.experts)]
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=experts[0],
-                       transformer_2=experts[1] if spec.experts > 1 else None,
-                       boundary_ratio=spec.boundary_ratio, expand_timesteps=spec.expand_timesteps)
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=experts[0],
+        transformer_2=experts[1] if spec.experts > 1 else None,
+        boundary_ratio=spec.boundary_ratio,
+        expand_timesteps=spec.expand_timesteps,
+    )

@@ -129,8 +129,9 @@ class Setup:
 
     def flops(self, fis: FISConfig | None = None, skipped=()) -> float:
         plan = None if fis is None else fis.resolve(self.spec.transformer["num_layers"], self.grid[0], self.steps)
-        return generation_flops(self.spec.dims, self.frames, self.height, self.width, self.steps, plan,
-                                skipped_steps=tuple(skipped))
+        return generation_flops(
+            self.spec.dims, self.frames, self.height, self.width, self.steps, plan, skipped_steps=tuple(skipped)
+        )
 
 
 def build_setup(spec: ModelSpec, device, frames: int, height: int, width: int, steps: int, seed: int) -> Setup:
@@ -180,8 +181,12 @@ def transformer_call(s: Setup, model, latents: torch.Tensor, t: torch.Tensor) ->
     else:
         timestep = t.expand(1)  # [B]
     with model.cache_context("cond"):
-        pred = model(hidden_states=latents.to(s.prompt.dtype), timestep=timestep, encoder_hidden_states=s.prompt,
-                     return_dict=False)[0]
+        pred = model(
+            hidden_states=latents.to(s.prompt.dtype),
+            timestep=timestep,
+            encoder_hidden_states=s.prompt,
+            return_dict=False,
+        )[0]
         return pred, magcache_skipped(model)
 
 
@@ -250,8 +255,12 @@ def fidelity(x: torch.Tensor, ref: torch.Tensor) -> dict:
     err = (x - ref).transpose(1, 2).flatten(2)  # [1, F, C*H*W]
     base = ref.transpose(1, 2).flatten(2)
     per_frame = (err.norm(dim=2) / base.norm(dim=2))[0]  # [F]
-    return {"rel_l2": (err.norm() / base.norm()).item(), "frame_err": [round(v, 6) for v in per_frame.tolist()],
-            "frame_err_mean": per_frame.mean().item(), "frame_err_max": per_frame.max().item()}
+    return {
+        "rel_l2": (err.norm() / base.norm()).item(),
+        "frame_err": [round(v, 6) for v in per_frame.tolist()],
+        "frame_err_mean": per_frame.mean().item(),
+        "frame_err_max": per_frame.max().item(),
+    }
 
 
 def _reset_memory(device) -> None:
@@ -373,8 +382,6 @@ class Options:
     command: str = ""
 
 
-
-
 def validate(o: Options) -> None:
     if o.model not in MODELS:
         raise BenchError(f"unknown model {o.model!r}; valid: {', '.join(MODELS)}")
@@ -420,10 +427,24 @@ def run(o: Options) -> dict:
     device = torch.device("cpu" if o.tiny else "cuda")
     frames, height, width = TINY_VIDEO if o.tiny else (o.frames, *spec.size(o.resolution))
     f, hw = spec.dims.latent_grid(frames, height, width)
-    report = {**environment(device, o.command), "model": spec.name, "resolution": "tiny" if o.tiny else o.resolution,
-              "frames": frames, "height": height, "width": width, "latent_frames": f, "tokens": f * hw,
-              "steps": o.steps, "seed": o.seed, "warmup": o.warmup, "repeats": o.repeats,
-              "ablation_repeats": o.ablation_repeats, "compile": o.compile, "max_seconds": o.max_seconds, "rows": []}
+    report = {
+        **environment(device, o.command),
+        "model": spec.name,
+        "resolution": "tiny" if o.tiny else o.resolution,
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "latent_frames": f,
+        "tokens": f * hw,
+        "steps": o.steps,
+        "seed": o.seed,
+        "warmup": o.warmup,
+        "repeats": o.repeats,
+        "ablation_repeats": o.ablation_repeats,
+        "compile": o.compile,
+        "max_seconds": o.max_seconds,
+        "rows": [],
+    }
     rows = parse_rows(o.rows, o.ablations)
     check_rows(rows, spec, f, o.steps)
     others = [r for r in RESOLUTIONS if r != o.resolution]  # the sweep times the run's resolution first

@@ -58,8 +58,9 @@ def sweep_grids(spec, frames: int, sizes: list[tuple[str, tuple[int, int]]]) -> 
         f, _ = spec.dims.latent_grid(frames, h, w)
         plan = fis.resolve(spec.transformer["num_layers"], f, fis.dense_steps + 1)  # step 0 is the sparse one
         anchors = sorted({c for c in plan.anchor_counts(0) if c is not None})
-        out.append(dict(resolution=label, frames=f, h=h // spec.vae_s // p[1], w=w // spec.vae_s // p[2],
-                        anchors=anchors))
+        out.append(
+            dict(resolution=label, frames=f, h=h // spec.vae_s // p[1], w=w // spec.vae_s // p[2], anchors=anchors)
+        )
     return out
 
 
@@ -80,8 +81,9 @@ def block_inputs(spec, frames: int, h: int, w: int, device: torch.device) -> tup
     return hidden, context, temb, cos_sin
 
 
-def attention_sweep(spec, device: torch.device, grids: list[dict], compile_mode: str = "off",
-                    dense_only: bool = False) -> dict:
+def attention_sweep(
+    spec, device: torch.device, grids: list[dict], compile_mode: str = "off", dense_only: bool = False
+) -> dict:
     """Every backend on one block (dense and on the smallest anchor count), plus attention alone; then the block
     under torch.compile with the fastest backend at the first grid's dense and every anchor token count."""
     from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
@@ -101,8 +103,9 @@ def attention_sweep(spec, device: torch.device, grids: list[dict], compile_mode:
                     sec = time_fn(lambda: block(*inputs), device)  # noqa: B023 - called here, in this iteration
                     e.update(block_ms=sec * 1e3, block_tflops=block_flops(spec.dims, n) / sec / 1e12)
                     if not dense_only:
-                        q, k, v = (torch.randn(1, n, heads, hd, device=device, dtype=model_dtype(device))
-                                   for _ in "qkv")
+                        q, k, v = (
+                            torch.randn(1, n, heads, hd, device=device, dtype=model_dtype(device)) for _ in "qkv"
+                        )
                         name = AttentionBackendName(backend)
                         sec = time_fn(lambda: dispatch_attention_fn(q, k, v, backend=name), device)
                         e.update(attn_ms=sec * 1e3, attn_tflops=4 * n * n * heads * hd / sec / 1e12)
@@ -143,9 +146,18 @@ def _compile_sweep(spec, block, device, grid: dict, backend: str | None, mode: s
             first = time.perf_counter() - t
             steady = time_fn(lambda: compiled(*inputs), device)
             eager = time_fn(lambda: block(*inputs), device)
-            res["shapes"].append(dict(frames=frames, tokens=inputs[0].shape[1], first_call_s=first,
-                                      compile_s=first - steady, new_graphs=counters["stats"]["unique_graphs"] - graphs,
-                                      compiled_ms=steady * 1e3, eager_ms=eager * 1e3, speedup=eager / steady))
+            res["shapes"].append(
+                dict(
+                    frames=frames,
+                    tokens=inputs[0].shape[1],
+                    first_call_s=first,
+                    compile_s=first - steady,
+                    new_graphs=counters["stats"]["unique_graphs"] - graphs,
+                    compiled_ms=steady * 1e3,
+                    eager_ms=eager * 1e3,
+                    speedup=eager / steady,
+                )
+            )
             inputs = None  # noqa: F841 - free before the next shape's inputs are made
     except Exception as err:
         res["status"] = _short(err)
@@ -154,8 +166,11 @@ def _compile_sweep(spec, block, device, grid: dict, backend: str | None, mode: s
 
 def best_backend(entries: list[dict], grid: dict) -> str | None:
     """Fastest backend on the dense block at this grid."""
-    ok = [e for e in entries if e["status"] == "ok" and e["resolution"] == grid["resolution"]
-          and e["frames"] == grid["frames"]]
+    ok = [
+        e
+        for e in entries
+        if e["status"] == "ok" and e["resolution"] == grid["resolution"] and e["frames"] == grid["frames"]
+    ]
     return min(ok, key=lambda e: e["block_ms"])["backend"] if ok else None
 
 
@@ -167,10 +182,14 @@ def choose_backend(requested: str, sweep: dict | None, spec, device, grids: list
     best = best_backend(sweep["entries"], grids[0])
     if best is None:
         return "native", "auto: no backend ran in the sweep, torch SDPA"
-    times = {e["backend"]: e["block_ms"] for e in sweep["entries"] if e["status"] == "ok"
-             and e["resolution"] == grids[0]["resolution"] and e["frames"] == grids[0]["frames"]}
+    times = {
+        e["backend"]: e["block_ms"]
+        for e in sweep["entries"]
+        if e["status"] == "ok" and e["resolution"] == grids[0]["resolution"] and e["frames"] == grids[0]["frames"]
+    }
     return best, "auto: fastest dense block at {} ({})".format(
-        grids[0]["resolution"], ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(times.items(), key=lambda x: x[1])))
+        grids[0]["resolution"], ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(times.items(), key=lambda x: x[1]))
+    )
 
 
 @contextlib.contextmanager
@@ -184,6 +203,7 @@ def glue_annotations():
         def tagged(*args, **kwargs):
             with torch.profiler.record_function(GLUE):
                 return fn(*args, **kwargs)
+
         return tagged
 
     fis_hooks.select_frames, fis_hooks.reconstruct = (tag(f) for f in originals)
@@ -202,8 +222,11 @@ def count_host_syncs(fn) -> tuple[int, list[str]]:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    msgs = [str(w.message).splitlines()[0] for w in caught
-            if "synchroniz" in str(w.message) and "is a prototype feature" not in str(w.message)]  # mode's own note
+    msgs = [
+        str(w.message).splitlines()[0]
+        for w in caught
+        if "synchroniz" in str(w.message) and "is a prototype feature" not in str(w.message)
+    ]  # mode's own note
     return len(msgs), msgs[:3]
 
 
@@ -245,13 +268,19 @@ def profile_sparse_step(s: Setup, out_json: str | None) -> dict:
             step_ms = sum(e.cpu_time_total for e in cpu_events if e.name == "bench_step") / 1e3
             key, kinds = "self_cpu_time_total", (DeviceType.CPU,)
         res.update(glue_ms=glue, glue_pct=100 * glue / step_ms, step_ms=step_ms, time_basis=kinds[0].name.lower())
-        avgs = sorted((a for a in prof.key_averages() if a.device_type in kinds and a.key not in (GLUE, "bench_step")),
-                      key=lambda a: getattr(a, key), reverse=True)
-        res["top"] = [dict(name=a.key[:90], calls=a.count, self_ms=getattr(a, key) / 1e3,
-                           pct=100 * getattr(a, key) / 1e3 / step_ms) for a in avgs[:25]]
+        avgs = sorted(
+            (a for a in prof.key_averages() if a.device_type in kinds and a.key not in (GLUE, "bench_step")),
+            key=lambda a: getattr(a, key),
+            reverse=True,
+        )
+        res["top"] = [
+            dict(
+                name=a.key[:90], calls=a.count, self_ms=getattr(a, key) / 1e3, pct=100 * getattr(a, key) / 1e3 / step_ms
+            )
+            for a in avgs[:25]
+        ]
         if out_json:
-            Path(out_json).with_suffix(".profile.txt").write_text(
-                prof.key_averages().table(sort_by=key, row_limit=40))
+            Path(out_json).with_suffix(".profile.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
         res["status"] = "ok"
     except Exception as err:
         res["status"] = _failure(err)

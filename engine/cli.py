@@ -51,14 +51,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default="default", help="default, euler (Lightning: --scheduler euler --shift 5)")
     g.add_argument("--shift", type=float)
     g.add_argument("--attention-backend", help="diffusers attention backend, e.g. _native_cudnn")
-    g.add_argument("--compile", default="off", choices=["off", "static", "auto"],
-                   help="torch.compile the blocks (GPU: +18%% TFLOP/s on Wan A14B); static = a graph per token count")
+    g.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "static", "auto"],
+        help="torch.compile the blocks (GPU: +18%% TFLOP/s on Wan A14B); static = a graph per token count",
+    )
     q = p.add_argument_group("parallel (under torchrun --nproc_per_node=N)")
     q.add_argument("--ulysses", type=int, help="Ulysses degree (default: what the world size leaves)")
     q.add_argument("--ring", type=int, default=1, help="ring-attention degree (CUDA)")
     q.add_argument("--cfg-parallel", type=int, default=1, choices=[1, 2], help="2: CFG branches on two rank groups")
-    q.add_argument("--shard", default="spatial", choices=["spatial", "frame"],
-                   help="spatial: each rank a slice of every frame (default); frame: contiguous frame ranges")
+    q.add_argument(
+        "--shard",
+        default="spatial",
+        choices=["spatial", "frame"],
+        help="spatial: each rank a slice of every frame (default); frame: contiguous frame ranges",
+    )
     q.add_argument("--sp-attention", default="diffusers", choices=["diffusers", "xfuser"])
 
 
@@ -74,9 +82,13 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 1.0 for most)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--image", help="reference image (PNG, JPEG, WebP) for image-to-video models")
-    g.add_argument("--image-fit", default="crop", choices=["crop", "stretch", "strict"],
-                   help="image vs video size: crop (scale to cover, centre crop; default), stretch, "
-                        "strict (must already be the video size)")
+    g.add_argument(
+        "--image-fit",
+        default="crop",
+        choices=["crop", "stretch", "strict"],
+        help="image vs video size: crop (scale to cover, centre crop; default), stretch, "
+        "strict (must already be the video size)",
+    )
     f = p.add_argument_group("FIS")
     f.add_argument("--fis", default="off", help="off, balanced, fast, or a preset .toml (see configs/fis/)")
     f.add_argument("--fis-stride", type=int)
@@ -86,11 +98,23 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 
 
 def worker_config(a) -> WorkerConfig:
-    return WorkerConfig(model=a.model, device=a.device, dtype=a.dtype, lora=a.lora, lora_2=a.lora_2,
-                        lora_scale=a.lora_scale, scheduler=a.scheduler, shift=a.shift,
-                        attention_backend=a.attention_backend, compile=a.compile, cfg_parallel=a.cfg_parallel,
-                        ulysses=a.ulysses,
-                        ring=a.ring, shard=a.shard, sp_attention=a.sp_attention)
+    return WorkerConfig(
+        model=a.model,
+        device=a.device,
+        dtype=a.dtype,
+        lora=a.lora,
+        lora_2=a.lora_2,
+        lora_scale=a.lora_scale,
+        scheduler=a.scheduler,
+        shift=a.shift,
+        attention_backend=a.attention_backend,
+        compile=a.compile,
+        cfg_parallel=a.cfg_parallel,
+        ulysses=a.ulysses,
+        ring=a.ring,
+        shard=a.shard,
+        sp_attention=a.sp_attention,
+    )
 
 
 def request(a, family: str) -> GenerationRequest:
@@ -105,9 +129,19 @@ def request(a, family: str) -> GenerationRequest:
     h, w = RESOLUTIONS[a.resolution] if a.resolution else (a.height, a.width)
     if a.resolution and (a.height or a.width):
         raise UserError("give either --resolution or --height/--width, not both")
-    return GenerationRequest(prompt=a.prompt, negative_prompt=a.negative_prompt, height=h, width=w,
-                             num_frames=a.frames, steps=a.steps, guidance=a.guidance, seed=a.seed, fis=fis,
-                             image=a.image, image_fit=a.image_fit)
+    return GenerationRequest(
+        prompt=a.prompt,
+        negative_prompt=a.negative_prompt,
+        height=h,
+        width=w,
+        num_frames=a.frames,
+        steps=a.steps,
+        guidance=a.guidance,
+        seed=a.seed,
+        fis=fis,
+        image=a.image,
+        image_fit=a.image_fit,
+    )
 
 
 def check_output(path: str, suffix: str = ".mp4") -> Path:
@@ -128,8 +162,11 @@ def summary(m: dict) -> str:
     rows = [
         ("device", f"{gpu} ({wk['dtype']}){par}"),
         ("FIS", "off" if fis is None else f"{fis['name']} (s={fis['stride']}, {fis['operator']})"),
-        ("latency", f"{m['latency_s']:.2f} s (text {m['text_encode_s']:.2f}, denoise {m['denoise_s']:.2f}, "
-                    f"decode {m['decode_s']:.2f})"),
+        (
+            "latency",
+            f"{m['latency_s']:.2f} s (text {m['text_encode_s']:.2f}, denoise {m['denoise_s']:.2f}, "
+            f"decode {m['decode_s']:.2f})",
+        ),
         ("per step", f"{steps} s"),
         ("FLOPs", f"{_flops(m['flops_P'])} (dense {_flops(m['flops_dense_P'])})"),
         ("speedup est.", f"{m['speedup_estimate']:.2f}x by FLOPs"),

@@ -45,10 +45,8 @@ ORDERINGS = (
     ("Table 2: interleaved beats fixed anchors (Fast stride)", "FIS-Fast", "FIS-Fast-fixed"),
     ("Table 3: removing block protection costs fidelity", "FIS-Balanced", "FIS-no-block-protection"),
     ("Table 3: removing step protection costs fidelity", "FIS-Balanced", "FIS-no-step-protection"),
-    ("Table 3: removing both costs more than block protection alone", "FIS-no-block-protection",
-     "FIS-no-protection"),
-    ("Table 3: removing both costs more than step protection alone", "FIS-no-step-protection",
-     "FIS-no-protection"),
+    ("Table 3: removing both costs more than block protection alone", "FIS-no-block-protection", "FIS-no-protection"),
+    ("Table 3: removing both costs more than step protection alone", "FIS-no-step-protection", "FIS-no-protection"),
 )
 
 
@@ -87,8 +85,7 @@ def check(worker, base: GenerationRequest, configs) -> GenerationRequest:
         try:
             worker.validate(dataclasses.replace(req, fis=fis))
         except (UserError, FISConfigError) as e:
-            raise UserError(f"configuration {name}: {e} (change the request or leave it out with --configs)") \
-                from None
+            raise UserError(f"configuration {name}: {e} (change the request or leave it out with --configs)") from None
     return req
 
 
@@ -104,8 +101,17 @@ def evaluate(worker, prompts, seeds, base: GenerationRequest, configs, progress=
                 video, z = to_uint8(out["frames"]), out["latents"].detach().to("cpu", torch.float64)
                 if ref is None:
                     ref = (video, z, flicker(video))
-                rows.append({"config": name, "prompt": prompt, "prompt_index": p, "seed": seed,
-                             **compare(video, z, ref), **adhere(video, spec), **cost(out["metrics"])})
+                rows.append(
+                    {
+                        "config": name,
+                        "prompt": prompt,
+                        "prompt_index": p,
+                        "seed": seed,
+                        **compare(video, z, ref),
+                        **adhere(video, spec),
+                        **cost(out["metrics"]),
+                    }
+                )
                 if video_dir is not None:
                     write_mp4(video, video_dir / f"p{p:02d}-s{seed}-{name}.mp4")
                 if progress is not None:
@@ -116,11 +122,15 @@ def evaluate(worker, prompts, seeds, base: GenerationRequest, configs, progress=
 def compare(video: np.ndarray, z: torch.Tensor, ref) -> dict:
     ref_video, ref_z, ref_flicker = ref
     fl = flicker(video)
-    return {"psnr": min(PSNR_CAP, psnr(video, ref_video)), "identical": bool(np.array_equal(video, ref_video)),
-            "ssim": ssim(video, ref_video),
-            "frame_psnr": [min(PSNR_CAP, psnr(video[f:f + 1], ref_video[f:f + 1])) for f in range(len(video))],
-            "latent_error": float((z - ref_z).norm() / ref_z.norm()),
-            "flicker": fl, "flicker_delta": fl - ref_flicker}
+    return {
+        "psnr": min(PSNR_CAP, psnr(video, ref_video)),
+        "identical": bool(np.array_equal(video, ref_video)),
+        "ssim": ssim(video, ref_video),
+        "frame_psnr": [min(PSNR_CAP, psnr(video[f : f + 1], ref_video[f : f + 1])) for f in range(len(video))],
+        "latent_error": float((z - ref_z).norm() / ref_z.norm()),
+        "flicker": fl,
+        "flicker_delta": fl - ref_flicker,
+    }
 
 
 def adhere(video: np.ndarray, spec) -> dict:
@@ -131,8 +141,12 @@ def adhere(video: np.ndarray, spec) -> dict:
 
 
 def cost(m: dict) -> dict:
-    return {"flops_P": m["flops_P"], "flops_dense_P": m["flops_dense_P"], "speedup_estimate": m["speedup_estimate"],
-            "latency_s": m["latency_s"]}
+    return {
+        "flops_P": m["flops_P"],
+        "flops_dense_P": m["flops_dense_P"],
+        "speedup_estimate": m["speedup_estimate"],
+        "latency_s": m["latency_s"],
+    }
 
 
 def summarise(rows: list[dict], configs) -> dict:
@@ -151,15 +165,24 @@ def summarise(rows: list[dict], configs) -> dict:
             return float(np.mean([r[k] for r in rs]))
 
         out[name] = {
-            "fis": None if fis is None else fis.to_dict(), "samples": len(rs),
-            "psnr_mean": mean("psnr"), "psnr_min": min(r["psnr"] for r in rs),
-            "ssim_mean": mean("ssim"), "ssim_min": min(r["ssim"] for r in rs),
-            "latent_error_mean": mean("latent_error"), "latent_error_max": max(r["latent_error"] for r in rs),
-            "flicker_mean": mean("flicker"), "flicker_delta_mean": mean("flicker_delta"),
-            "adherence_colour_pct": pct("colour"), "adherence_direction_pct": pct("direction"),
-            "adherence_both_pct": pct("both"), "adherence_samples": len(judged),
+            "fis": None if fis is None else fis.to_dict(),
+            "samples": len(rs),
+            "psnr_mean": mean("psnr"),
+            "psnr_min": min(r["psnr"] for r in rs),
+            "ssim_mean": mean("ssim"),
+            "ssim_min": min(r["ssim"] for r in rs),
+            "latent_error_mean": mean("latent_error"),
+            "latent_error_max": max(r["latent_error"] for r in rs),
+            "flicker_mean": mean("flicker"),
+            "flicker_delta_mean": mean("flicker_delta"),
+            "adherence_colour_pct": pct("colour"),
+            "adherence_direction_pct": pct("direction"),
+            "adherence_both_pct": pct("both"),
+            "adherence_samples": len(judged),
             "adherence_agreement_pct": 100.0 * float(np.mean(agree)) if agree else None,
-            "flops_P": mean("flops_P"), "speedup_estimate": mean("speedup_estimate"), "latency_s": mean("latency_s"),
+            "flops_P": mean("flops_P"),
+            "speedup_estimate": mean("speedup_estimate"),
+            "latency_s": mean("latency_s"),
             "frame_psnr_mean": np.mean([r["frame_psnr"] for r in rs], axis=0).tolist(),
         }
     return out
@@ -172,19 +195,38 @@ def report(worker, base: GenerationRequest, prompts, seeds, configs, rows, comma
     from .worker import versions
 
     summary = summarise(rows, configs)
-    return {"command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": elapsed_s,
-            "versions": {**versions(), "python": sys.version.split()[0], "numpy": np.__version__,
-                         "scikit-image": skimage.__version__},
-            "model": worker.describe(), "prompts": prompts, "seeds": seeds,
-            "request": {"steps": base.steps, "num_frames": base.num_frames, "height": base.height, "width": base.width,
-                        "guidance": base.guidance, "vae_t": worker.info.vae_t,
-                        "latent_frames": worker.info.latent_frames(base.num_frames)},
-            "summary": summary, "targets": targets(summary), "samples": rows}
+    return {
+        "command": command,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "elapsed_s": elapsed_s,
+        "versions": {
+            **versions(),
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+            "scikit-image": skimage.__version__,
+        },
+        "model": worker.describe(),
+        "prompts": prompts,
+        "seeds": seeds,
+        "request": {
+            "steps": base.steps,
+            "num_frames": base.num_frames,
+            "height": base.height,
+            "width": base.width,
+            "guidance": base.guidance,
+            "vae_t": worker.info.vae_t,
+            "latent_frames": worker.info.latent_frames(base.num_frames),
+        },
+        "summary": summary,
+        "targets": targets(summary),
+        "samples": rows,
+    }
 
 
 def targets(s: dict) -> list[dict]:
     """Issue 6's targets and the paper's orderings. met: True/False with a signed margin; None = reported
     only, or a configuration the run left out."""
+
     def t(claim, value, threshold, unit, kind="at least"):  # kind: 'at least', 'above' (an ordering), 'report'
         margin = None if value is None or threshold is None else value - threshold
         met = None if margin is None or kind == "report" else (margin >= 0 if kind == "at least" else margin > 0)
@@ -193,13 +235,28 @@ def targets(s: dict) -> list[dict]:
     def get(name, key):
         return s[name][key] if name in s else None
 
-    out = [t("Dense: prompt adherence (colour and direction) >= 90%", get(DENSE, "adherence_both_pct"), 90.0, "%"),
-           t("FIS-Balanced: mean PSNR vs dense >= 35 dB", get("FIS-Balanced", "psnr_mean"), 35.0, "dB"),
-           t("FIS-Balanced: adherence no lower than dense", get("FIS-Balanced", "adherence_both_pct"),
-             get(DENSE, "adherence_both_pct"), "%"),
-           t("FIS-Fast: mean PSNR vs dense", get("FIS-Fast", "psnr_mean"), None, "dB", "report")]
-    out += [t(f"{claim} ({better} > {worse})", get(better, "psnr_mean"), get(worse, "psnr_mean"), "dB", "above")
-            for claim, better, worse in ORDERINGS]
-    out.append(t("Operator: residual (FIS-Balanced) vs linear (FIS-linear); the margin says which wins",
-                 get("FIS-Balanced", "psnr_mean"), get("FIS-linear", "psnr_mean"), "dB", "report"))
+    out = [
+        t("Dense: prompt adherence (colour and direction) >= 90%", get(DENSE, "adherence_both_pct"), 90.0, "%"),
+        t("FIS-Balanced: mean PSNR vs dense >= 35 dB", get("FIS-Balanced", "psnr_mean"), 35.0, "dB"),
+        t(
+            "FIS-Balanced: adherence no lower than dense",
+            get("FIS-Balanced", "adherence_both_pct"),
+            get(DENSE, "adherence_both_pct"),
+            "%",
+        ),
+        t("FIS-Fast: mean PSNR vs dense", get("FIS-Fast", "psnr_mean"), None, "dB", "report"),
+    ]
+    out += [
+        t(f"{claim} ({better} > {worse})", get(better, "psnr_mean"), get(worse, "psnr_mean"), "dB", "above")
+        for claim, better, worse in ORDERINGS
+    ]
+    out.append(
+        t(
+            "Operator: residual (FIS-Balanced) vs linear (FIS-linear); the margin says which wins",
+            get("FIS-Balanced", "psnr_mean"),
+            get("FIS-linear", "psnr_mean"),
+            "dB",
+            "report",
+        )
+    )
     return out

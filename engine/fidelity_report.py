@@ -22,30 +22,53 @@ def _f(v, fmt=".2f", none="n/a"):
 
 def markdown(report: dict, figures: list[str]) -> str:
     r, s = report["request"], report["summary"]
-    lines = [f"# FIS fidelity: {report['model']['model']}", "",
-             (f"{len(report['prompts'])} prompts x {len(report['seeds'])} seed(s) {report['seeds']}, {r['steps']} steps, "
-             f"{r['num_frames']} frames ({r['latent_frames']} latent), {r['width']}x{r['height']}, guidance "
-             f"{r['guidance']}, on {report['model']['device']} ({report['model']['dtype']}); {report['date']}. "
-             f"Every configuration is compared with Dense on the same prompt and seed (PSNR of identical videos "
-             f"counts as {PSNR_CAP:.0f} dB). Adherence is read from the frames of the "
-             f"{s[DENSE]['adherence_samples']} samples whose prompt the shapes grammar parses. Raw numbers: `eval.json`."),
-             "",
-             "```", report["command"], "```", "", "## Results", "",
-             ("| config | stride | interleave | dense head/tail | dense steps | operator | PSNR dB mean (min) | "
-             "SSIM mean (min) | latent err mean (max) | flicker (vs dense) | adherence % colour / dir / both | "
-             "FLOPs (P) | speedup est. | wall s |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# FIS fidelity: {report['model']['model']}",
+        "",
+        (
+            f"{len(report['prompts'])} prompts x {len(report['seeds'])} seed(s) {report['seeds']}, {r['steps']} steps, "
+            f"{r['num_frames']} frames ({r['latent_frames']} latent), {r['width']}x{r['height']}, guidance "
+            f"{r['guidance']}, on {report['model']['device']} ({report['model']['dtype']}); {report['date']}. "
+            f"Every configuration is compared with Dense on the same prompt and seed (PSNR of identical videos "
+            f"counts as {PSNR_CAP:.0f} dB). Adherence is read from the frames of the "
+            f"{s[DENSE]['adherence_samples']} samples whose prompt the shapes grammar parses. Raw numbers: `eval.json`."
+        ),
+        "",
+        "```",
+        report["command"],
+        "```",
+        "",
+        "## Results",
+        "",
+        (
+            "| config | stride | interleave | dense head/tail | dense steps | operator | PSNR dB mean (min) | "
+            "SSIM mean (min) | latent err mean (max) | flicker (vs dense) | adherence % colour / dir / both | "
+            "FLOPs (P) | speedup est. | wall s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, x in s.items():
         fis = x["fis"]
-        knobs = ["-"] * 5 if fis is None else [fis["stride"], "yes" if fis["interleave"] else "no",
-                                                f"{fis['dense_head']}/{fis['dense_tail']}", fis["dense_steps"],
-                                                fis["operator"]]
+        knobs = (
+            ["-"] * 5
+            if fis is None
+            else [
+                fis["stride"],
+                "yes" if fis["interleave"] else "no",
+                f"{fis['dense_head']}/{fis['dense_tail']}",
+                fis["dense_steps"],
+                fis["operator"],
+            ]
+        )
         adh = " / ".join(_f(x[f"adherence_{k}_pct"], ".0f") for k in ("colour", "direction", "both"))
-        lines.append(f"| {name} | " + " | ".join(map(str, knobs)) +
-                     f" | {x['psnr_mean']:.2f} ({x['psnr_min']:.2f}) | {x['ssim_mean']:.4f} ({x['ssim_min']:.4f}) | "
-                     f"{x['latent_error_mean']:.4f} ({x['latent_error_max']:.4f}) | {x['flicker_mean']:.2f} "
-                     f"({x['flicker_delta_mean']:+.2f}) | {adh} | {x['flops_P']:.4g} | {x['speedup_estimate']:.2f}x | "
-                     f"{x['latency_s']:.2f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(map(str, knobs))
+            + f" | {x['psnr_mean']:.2f} ({x['psnr_min']:.2f}) | {x['ssim_mean']:.4f} ({x['ssim_min']:.4f}) | "
+            f"{x['latent_error_mean']:.4f} ({x['latent_error_max']:.4f}) | {x['flicker_mean']:.2f} "
+            f"({x['flicker_delta_mean']:+.2f}) | {adh} | {x['flops_P']:.4g} | {x['speedup_estimate']:.2f}x | "
+            f"{x['latency_s']:.2f} |"
+        )
     lines += ["", "## Targets", ""]
     for t in report["targets"]:
         verdict = {True: "**met**", False: "**missed**", None: "reported"}[t["met"]]
@@ -96,8 +119,10 @@ def fig_frame_psnr(summary: dict, request: dict, path: Path) -> Path:
 
 
 def write(report: dict, out: Path) -> Path:
-    figs = [fig_psnr(report["summary"], out / "eval_psnr.png").name,
-            fig_frame_psnr(report["summary"], report["request"], out / "eval_frame_psnr.png").name]
+    figs = [
+        fig_psnr(report["summary"], out / "eval_psnr.png").name,
+        fig_frame_psnr(report["summary"], report["request"], out / "eval_frame_psnr.png").name,
+    ]
     path = out / "eval.md"
     path.write_text(markdown(report, figs))
     return path

@@ -101,8 +101,9 @@ class FISBlockHook(ModelHook):
             return fwd(*args, **kwargs)
         hidden = self.args.get(self.adapter.hidden, args, kwargs)
         t = self.state.tables(anchors, hidden.device)
-        return sparse_forward(fwd, args, kwargs, self.args, self.adapter, t, self.state.config.operator,
-                              self.state._reused)
+        return sparse_forward(
+            fwd, args, kwargs, self.args, self.adapter, t, self.state.config.operator, self.state._reused
+        )
 
 
 class BlockArgs:
@@ -126,8 +127,9 @@ class BlockArgs:
             args[i] = value
 
 
-def sparse_forward(fwd, args, kwargs, names: BlockArgs, adapter: FISAdapter, t: FrameTables, operator: str,
-                   reused: dict | None = None):
+def sparse_forward(
+    fwd, args, kwargs, names: BlockArgs, adapter: FISAdapter, t: FrameTables, operator: str, reused: dict | None = None
+):
     """Run a block on the anchor frames of `t` and rebuild all frames (Eq. 7-10).
 
     `reused` caches slices of block-invariant arguments (RoPE) for the duration of one forward."""
@@ -142,11 +144,10 @@ def sparse_forward(fwd, args, kwargs, names: BlockArgs, adapter: FISAdapter, t: 
     i = adapter.output_index
     y = out if i is None else out[i]  # [B, A*HW, C]
     y = reconstruct(y, t, hidden if operator == "residual" else None)
-    return y if i is None else (*out[:i], y, *out[i + 1:])
+    return y if i is None else (*out[:i], y, *out[i + 1 :])
 
 
-def slice_frames(name: str, value, rule: SliceRule, anchors: torch.Tensor, num_frames: int,
-                 reused: dict | None = None):
+def slice_frames(name: str, value, rule: SliceRule, anchors: torch.Tensor, num_frames: int, reused: dict | None = None):
     """The anchor frames of one per-frame block argument (a tensor or a tuple of them, e.g. RoPE's
     (cos, sin)). Block-invariant arguments (rule.reuse) are sliced once per anchor set and forward."""
     key = (name, anchors.data_ptr())

@@ -55,8 +55,13 @@ class GroupMember:
         self._cancel = job
 
     def health(self) -> dict:
-        return {"pid": os.getpid(), "device": str(self.worker.device), "step": self.progress[0],
-                "steps": self.progress[1], "gpu": gpu_info(self.worker.device)}
+        return {
+            "pid": os.getpid(),
+            "device": str(self.worker.device),
+            "step": self.progress[0],
+            "steps": self.progress[1],
+            "gpu": gpu_info(self.worker.device),
+        }
 
     def _on_step(self, k: int, n: int) -> None:
         self.progress = (k, n)

@@ -34,14 +34,16 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     m = _DATA.match(text)
     if m and not m.group(2):
         raise UserError("image must be base64-encoded (a data: URL needs ';base64,')")
-    payload = re.sub(r"\s+", "", text[m.end():] if m else text)
+    payload = re.sub(r"\s+", "", text[m.end() :] if m else text)
     if len(payload) * 3 // 4 > max_bytes:
         raise UserError(f"image is about {len(payload) * 3 // 4 // 1024} KiB; the limit is {max_bytes // 1024} KiB")
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise UserError("image is not valid base64: send a PNG or JPEG file base64-encoded, "
-                        "optionally as a data:image/png;base64,... URL") from None
+        raise UserError(
+            "image is not valid base64: send a PNG or JPEG file base64-encoded, "
+            "optionally as a data:image/png;base64,... URL"
+        ) from None
     if not raw:
         raise UserError("image is empty")
     return raw
@@ -65,8 +67,10 @@ def decode(raw: bytes, shown: str = "image"):
         im = Image.open(io.BytesIO(raw), formats=FORMATS)
         w, h = im.size
         if max(w, h) > MAX_SIDE or w * h > MAX_PIXELS:  # checked from the header, before decoding
-            raise UserError(f"{shown} is {w}x{h}; images up to {MAX_SIDE} pixels a side and "
-                            f"{MAX_PIXELS // 10**6} megapixels are accepted")
+            raise UserError(
+                f"{shown} is {w}x{h}; images up to {MAX_SIDE} pixels a side and "
+                f"{MAX_PIXELS // 10**6} megapixels are accepted"
+            )
         fmt = im.format
         im.load()
         return ImageOps.exif_transpose(im).convert("RGB"), fmt  # upright as a phone camera tagged it
@@ -102,8 +106,10 @@ def fit(im, height: int, width: int, policy: str = "crop", shown: str = "image")
     if im.size == (width, height):
         return im
     if policy == "strict":
-        raise UserError(f"{shown} is {im.size[0]}x{im.size[1]}, not the video size {width}x{height} (image_fit "
-                        "strict); resize it, or use image_fit crop or stretch")
+        raise UserError(
+            f"{shown} is {im.size[0]}x{im.size[1]}, not the video size {width}x{height} (image_fit "
+            "strict); resize it, or use image_fit crop or stretch"
+        )
     if policy == "stretch":
         return im.resize((width, height), Image.Resampling.LANCZOS)
     return ImageOps.fit(im, (width, height), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
@@ -119,7 +125,7 @@ def describe(ref: str | None) -> str | None:
     if not ref or not is_data(ref):
         return ref
     m = _DATA.match(ref)
-    raw = ref[m.end():] if m else ref
+    raw = ref[m.end() :] if m else ref
     kind = (m.group(1) if m and m.group(1) else "image").lower()
     return f"{kind}, {len(raw) * 3 // 4 // 1024} KiB, sha256 {hashlib.sha256(raw.encode()).hexdigest()[:16]}"
 

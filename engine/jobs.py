@@ -106,28 +106,35 @@ class JobStore:
             (waiting,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
             if waiting >= capacity:
                 raise QueueFull(capacity)
-            db.execute("INSERT INTO jobs (id, state, request, created_at, steps) VALUES (?, 'queued', ?, ?, ?)",
-                       (job_id, json.dumps(request), time.time(), request["steps"]))
+            db.execute(
+                "INSERT INTO jobs (id, state, request, created_at, steps) VALUES (?, 'queued', ?, ?, ?)",
+                (job_id, json.dumps(request), time.time(), request["steps"]),
+            )
             return _record(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def claim(self, owner: str) -> tuple[str, dict] | None:
         """The oldest queued job, now running under `owner`: (id, request) or None."""
         with self._tx() as db:
-            row = db.execute("SELECT id, request FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid "
-                             "LIMIT 1").fetchone()
+            row = db.execute(
+                "SELECT id, request FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1"
+            ).fetchone()
             if row is None:
                 return None
             now = time.time()
-            db.execute("UPDATE jobs SET state = 'running', owner = ?, started_at = ?, heartbeat_at = ? WHERE id = ?",
-                       (owner, now, now, row["id"]))
+            db.execute(
+                "UPDATE jobs SET state = 'running', owner = ?, started_at = ?, heartbeat_at = ? WHERE id = ?",
+                (owner, now, now, row["id"]),
+            )
             return row["id"], json.loads(row["request"])
 
     def heartbeat(self, job_id: str, step: int) -> bool:
         """Record progress (of the `steps` stored at submit) and renew the lease; True if the client asked to
         cancel."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET step = ?, heartbeat_at = ? WHERE id = ? AND state = 'running'",
-                       (step, time.time(), job_id))
+            db.execute(
+                "UPDATE jobs SET step = ?, heartbeat_at = ? WHERE id = ? AND state = 'running'",
+                (step, time.time(), job_id),
+            )
             row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return bool(row and row["cancel"])
 
@@ -135,10 +142,12 @@ class JobStore:
         """Running -> a final state; False if the job was no longer running (e.g. declared interrupted)."""
         assert state in FINAL
         with self._tx() as db:
-            cur = db.execute("UPDATE jobs SET state = ?, error = ?, timings = ?, finished_at = ?, "
-                             "step = CASE WHEN ? = 'completed' THEN steps ELSE step END "
-                             "WHERE id = ? AND state = 'running'",
-                             (state, error, json.dumps(timings) if timings else None, time.time(), state, job_id))
+            cur = db.execute(
+                "UPDATE jobs SET state = ?, error = ?, timings = ?, finished_at = ?, "
+                "step = CASE WHEN ? = 'completed' THEN steps ELSE step END "
+                "WHERE id = ? AND state = 'running'",
+                (state, error, json.dumps(timings) if timings else None, time.time(), state, job_id),
+            )
             return cur.rowcount == 1
 
     def save_outputs(self, job_id: str, mp4: bytes, metrics: dict) -> None:
@@ -161,8 +170,11 @@ class JobStore:
             if row is None:
                 return None
             if row["state"] == "queued":
-                db.execute("UPDATE jobs SET state = 'cancelled', error = 'cancelled by the client', finished_at = ? "
-                           "WHERE id = ?", (time.time(), job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', error = 'cancelled by the client', finished_at = ? "
+                    "WHERE id = ?",
+                    (time.time(), job_id),
+                )
                 return "cancelled"
             if row["state"] == "running":
                 db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
@@ -175,15 +187,19 @@ class JobStore:
     def expire(self, lease_s: float) -> int:
         """Running jobs whose replica stopped renewing them -> failed (interrupted). Returns how many."""
         with self._tx() as db:
-            return db.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? "
-                              "WHERE state = 'running' AND heartbeat_at < ?",
-                              (INTERRUPTED, time.time(), time.time() - lease_s)).rowcount
+            return db.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? "
+                "WHERE state = 'running' AND heartbeat_at < ?",
+                (INTERRUPTED, time.time(), time.time() - lease_s),
+            ).rowcount
 
     def interrupt(self, owner: str) -> int:
         """A replica shutting down: its running jobs -> failed (interrupted) now, without waiting for the lease."""
         with self._tx() as db:
-            return db.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? "
-                              "WHERE state = 'running' AND owner = ?", (INTERRUPTED, time.time(), owner)).rowcount
+            return db.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state = 'running' AND owner = ?",
+                (INTERRUPTED, time.time(), owner),
+            ).rowcount
 
     # ---- reading -----------------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict | None:

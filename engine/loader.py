@@ -95,8 +95,9 @@ def load_loras(pipe, lora: str | None, lora_2: str | None = None, scale: float =
             raise UserError(f"LoRA file {path!r} does not exist")
         kw = dict(weight_name=p.name) if p.is_file() else {}
         try:
-            pipe.load_lora_weights(str(p.parent if p.is_file() else p), adapter_name=name,
-                                   load_into_transformer_2=second, **kw)
+            pipe.load_lora_weights(
+                str(p.parent if p.is_file() else p), adapter_name=name, load_into_transformer_2=second, **kw
+            )
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load LoRA {path!r}: {str(e).splitlines()[0]}") from None
     comps = ["transformer"] + (["transformer_2"] if lora_2 else [])
@@ -139,8 +140,9 @@ def model_info(pipe) -> ModelInfo:
     if real and adapter.name == "hunyuanvideo1.5":
         from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
 
-        size = tuple(HunyuanVideo15ImageProcessor(vae_scale_factor=vae_s).calculate_default_height_width(
-            9, 16, cfg.target_size))
+        size = tuple(
+            HunyuanVideo15ImageProcessor(vae_scale_factor=vae_s).calculate_default_height_width(9, 16, cfg.target_size)
+        )
     frames, guidance = (81 if real else 33), 1.0
     name = pipe.config.get("_name_or_path")
     own = Path(name) / DEFAULTS_FILE if name else None  # a local folder's own file (hub ids: none)

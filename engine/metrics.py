@@ -47,8 +47,12 @@ def gpu_info(device: torch.device) -> dict | None:
         h = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
         mem = pynvml.nvmlDeviceGetMemoryInfo(h)
         util = pynvml.nvmlDeviceGetUtilizationRates(h)
-        info.update(memory_used_gib=mem.used / 2**30, memory_total_gib=mem.total / 2**30,
-                    utilization_pct=util.gpu, driver=pynvml.nvmlSystemGetDriverVersion())
+        info.update(
+            memory_used_gib=mem.used / 2**30,
+            memory_total_gib=mem.total / 2**30,
+            utilization_pct=util.gpu,
+            driver=pynvml.nvmlSystemGetDriverVersion(),
+        )
     except Exception as e:  # NVML missing in a container is not worth failing a render for
         info["nvml_error"] = str(e)
     return info

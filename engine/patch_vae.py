@@ -18,8 +18,15 @@ from diffusers.models.modeling_utils import ModelMixin
 
 class PatchVAE(ModelMixin, ConfigMixin):
     @register_to_config
-    def __init__(self, z_dim: int = 32, in_channels: int = 3, scale_factor_temporal: int = 4,
-                 scale_factor_spatial: int = 4, latents_mean: list | None = None, latents_std: list | None = None):
+    def __init__(
+        self,
+        z_dim: int = 32,
+        in_channels: int = 3,
+        scale_factor_temporal: int = 4,
+        scale_factor_spatial: int = 4,
+        latents_mean: list | None = None,
+        latents_std: list | None = None,
+    ):
         super().__init__()
         d = in_channels * scale_factor_temporal * scale_factor_spatial**2
         self.basis = torch.nn.Parameter(torch.eye(z_dim, d), requires_grad=False)  # [Z, D] orthonormal rows
@@ -38,7 +45,7 @@ class PatchVAE(ModelMixin, ConfigMixin):
         t, s, c = self.config.scale_factor_temporal, self.config.scale_factor_spatial, self.config.in_channels
         b, n, h, w, _ = p.shape
         x = p.reshape(b, n, h, w, c, t, s, s).permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, n * t, h * s, w * s)
-        return x[:, :, t - 1:]
+        return x[:, :, t - 1 :]
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         z = (self._patchify(x.to(self.basis.dtype)) - self.center) @ self.basis.T  # [B, T, h, w, Z]

@@ -1,10 +1,10 @@
 """What differs between the supported pipelines' __call__, so the Worker drives them all one way.
 
-  Wan               encode_prompt -> (positive, negative) embeddings; guidance_scale; callback_on_step_end;
-                    height/width
-  HunyuanVideo 1.5  encode_prompt -> Qwen2.5-VL and ByT5 embeddings + masks, per branch; a `guider` object
-                    (ClassifierFreeGuidance) instead of guidance_scale; no step callback; I2V takes the video
-                    size from the reference image instead of height/width
+Wan               encode_prompt -> (positive, negative) embeddings; guidance_scale; callback_on_step_end;
+                  height/width
+HunyuanVideo 1.5  encode_prompt -> Qwen2.5-VL and ByT5 embeddings + masks, per branch; a `guider` object
+                  (ClassifierFreeGuidance) instead of guidance_scale; no step callback; I2V takes the video
+                  size from the reference image instead of height/width
 """
 
 from __future__ import annotations
@@ -31,11 +31,17 @@ class PipelineCall:
             dtype = pipe.transformer.dtype
             kw = dict(zip(_HY_TEXT, pipe.encode_prompt(prompt, device=device, dtype=dtype)))
             if cfg:  # "" is encoded as the pipeline encodes a missing negative prompt
-                kw.update(zip(("negative_" + n for n in _HY_TEXT), pipe.encode_prompt(negative, device=device,
-                                                                                    dtype=dtype)))
+                kw.update(
+                    zip(("negative_" + n for n in _HY_TEXT), pipe.encode_prompt(negative, device=device, dtype=dtype))
+                )
             return kw
-        pos, neg = pipe.encode_prompt(prompt, negative or None, do_classifier_free_guidance=cfg,
-                                      max_sequence_length=self.text_len(), device=device)
+        pos, neg = pipe.encode_prompt(
+            prompt,
+            negative or None,
+            do_classifier_free_guidance=cfg,
+            max_sequence_length=self.text_len(),
+            device=device,
+        )
         return {"prompt_embeds": pos, "negative_prompt_embeds": neg}
 
     def text_len(self) -> int:

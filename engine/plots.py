@@ -53,8 +53,10 @@ def fig_frame_error(prof: dict, path: Path, block: int | None = None, step: int 
     anchors = anchor_frames(F, s, b % s)
     fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     width = 0.4
-    for ax, key, title in ((axes[0], "interp_error", "reconstruction from exact anchors"),
-                           (axes[1], "frame_error", "sparse evaluation (anchors attend to anchors only)")):
+    for ax, key, title in (
+        (axes[0], "interp_error", "reconstruction from exact anchors"),
+        (axes[1], "frame_error", "sparse evaluation (anchors attend to anchors only)"),
+    ):
         for k, (op, err) in enumerate(prof[key].items()):
             mean = [sum(e[step][b][f] for e in err) / len(err) for f in range(F)]
             ax.bar([f + (k - 0.5) * width for f in range(F)], mean, width, label=op)
@@ -72,16 +74,25 @@ def fig_frame_error(prof: dict, path: Path, block: int | None = None, step: int 
 
 def report(prof: dict, block_err: dict, out: Path) -> Path:
     """A one-page Markdown report linking the figures, with the per-block numbers."""
-    figs = [fig_relative_change(prof, out / "fig1_relative_change.png").name,
-            fig_cv_heatmap(prof, out / "fig2_cv_heatmap.png").name,
-            fig_frame_error(prof, out / "fig3_frame_error.png").name]
-    lines = [f"# FIS profile: {prof['model']['model']}", "",
-             f"{len(prof['prompts'])} prompts, {prof['steps']} steps, {prof['num_frames']} latent frames, "
-             f"stride {prof['stride']}. Raw numbers: `profile.json`.", ""]
+    figs = [
+        fig_relative_change(prof, out / "fig1_relative_change.png").name,
+        fig_cv_heatmap(prof, out / "fig2_cv_heatmap.png").name,
+        fig_frame_error(prof, out / "fig3_frame_error.png").name,
+    ]
+    lines = [
+        f"# FIS profile: {prof['model']['model']}",
+        "",
+        f"{len(prof['prompts'])} prompts, {prof['steps']} steps, {prof['num_frames']} latent frames, "
+        f"stride {prof['stride']}. Raw numbers: `profile.json`.",
+        "",
+    ]
     lines += [f"![{f}]({f})" for f in figs]
     ops = list(block_err)
-    lines += ["", "| block | mean CV (Eq. 5) | " + " | ".join(f"Eq. 6 error, {o}" for o in ops) + " |",
-              "|---|---|" + "---|" * len(ops)]
+    lines += [
+        "",
+        "| block | mean CV (Eq. 5) | " + " | ".join(f"Eq. 6 error, {o}" for o in ops) + " |",
+        "|---|---|" + "---|" * len(ops),
+    ]
     for b in range(prof["num_blocks"]):
         cv = sum(prof["cv"][t][b] for t in range(prof["steps"])) / prof["steps"]
         lines.append(f"| {b} | {cv:.3f} | " + " | ".join(f"{block_err[o][b]:.4f}" for o in ops) + " |")

@@ -14,8 +14,14 @@ import torch
 import torch.distributed as dist
 
 from fis import anchor_frames
-from fis.analysis import (coefficient_of_variation, magnitude_map, per_frame_error, per_frame_error_parts,
-                          relative_change, relative_change_parts)
+from fis.analysis import (
+    coefficient_of_variation,
+    magnitude_map,
+    per_frame_error,
+    per_frame_error_parts,
+    relative_change,
+    relative_change_parts,
+)
 from fis.reconstruct import FrameTables, reconstruct, select_frames
 
 from .adapters import adapter_for
@@ -39,8 +45,9 @@ class BlockProbe:
         for t in worker.transformers:
             self._handles.append(t.register_forward_pre_hook(self._geometry, with_kwargs=True))
             for b, block in enumerate(getattr(t, self.adapter.blocks_attr)):
-                self._handles.append(block.register_forward_hook(
-                    functools.partial(self._measure, b, BlockArgs(block)), with_kwargs=True))
+                self._handles.append(
+                    block.register_forward_hook(functools.partial(self._measure, b, BlockArgs(block)), with_kwargs=True)
+                )
 
     def close(self):
         for h in self._handles:
@@ -111,14 +118,30 @@ def profile(worker, prompts: list[str], req: GenerationRequest, stride: int, pro
     cv = coefficient_of_variation(curves).mean(0)  # Eq. 5: [T, L]
 
     def table(d):
-        return {op: torch.stack([d[(op, p, t, b)] for p in range(P) for t in range(T) for b in range(L)])
-                .view(P, T, L, F).tolist() for op in OPERATORS}
+        return {
+            op: torch.stack([d[(op, p, t, b)] for p in range(P) for t in range(T) for b in range(L)])
+            .view(P, T, L, F)
+            .tolist()
+            for op in OPERATORS
+        }
 
-    return {"model": worker.describe(), "dims": dataclasses.asdict(worker.dims()), "request": req.to_dict(),
-            "prompts": prompts, "stride": stride, "num_frames": F, "num_blocks": L, "steps": T,
-            "seconds_per_prompt": seconds, "peak_memory_gib": M.peak_memory_gib(worker.device),
-            "gpu": M.gpu_info(worker.device), "curves": curves.tolist(), "cv": cv.tolist(),
-            "frame_error": table(probe.errors), "interp_error": table(probe.interp_errors)}
+    return {
+        "model": worker.describe(),
+        "dims": dataclasses.asdict(worker.dims()),
+        "request": req.to_dict(),
+        "prompts": prompts,
+        "stride": stride,
+        "num_frames": F,
+        "num_blocks": L,
+        "steps": T,
+        "seconds_per_prompt": seconds,
+        "peak_memory_gib": M.peak_memory_gib(worker.device),
+        "gpu": M.gpu_info(worker.device),
+        "curves": curves.tolist(),
+        "cv": cv.tolist(),
+        "frame_error": table(probe.errors),
+        "interp_error": table(probe.interp_errors),
+    }
 
 
 def block_error(prof: dict, operator: str, dense_steps: int) -> list[float]:

@@ -48,8 +48,9 @@ class WorkerActor:
     def start(self, cfg: WorkerConfig, rank: int, world: int, addr: str, port: int):
         # torchrun's variables: the Worker sets up torch.distributed from them. Ray gives each actor its own
         # GPU as cuda:0 (CUDA_VISIBLE_DEVICES), so LOCAL_RANK is 0.
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=addr,
-                          MASTER_PORT=str(port))
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=addr, MASTER_PORT=str(port)
+        )
         self.member = GroupMember(cfg)
         return self.member.worker.info, self.member.worker.describe()
 
@@ -87,12 +88,18 @@ class WorkerGroup:
                 ray.get(self.pg.ready(), timeout=timeout_s)
             except GetTimeoutError:
                 kind = "GPU" if gpus else "CPU"
-                raise GroupFailed(f"no node had {ranks} free {kind}s for a worker group within {timeout_s:.0f} s") \
-                    from None
+                raise GroupFailed(
+                    f"no node had {ranks} free {kind}s for a worker group within {timeout_s:.0f} s"
+                ) from None
             self.actors = [
-                WorkerActor.options(name=name, num_cpus=1, num_gpus=int(gpus), scheduling_strategy=(
-                    PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))).remote()
-                for i, name in enumerate(self.names)]
+                WorkerActor.options(
+                    name=name,
+                    num_cpus=1,
+                    num_gpus=int(gpus),
+                    scheduling_strategy=(PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)),
+                ).remote()
+                for i, name in enumerate(self.names)
+            ]
             addr, port = ray.get(self.actors[0].address.remote())
             started = ray.get([a.start.remote(cfg, i, ranks, addr, port) for i, a in enumerate(self.actors)])
         except RayTaskError as e:
@@ -207,9 +214,20 @@ def shared_store(output_dir: str) -> RemoteStore:
     """The store actor of `output_dir`, started on the head node on first use and found by name after that.
     Detached: it outlives replicas (a crashed replica's jobs stay listed) and app restarts reuse it."""
     name = "fis-jobs-" + hashlib.sha1(output_dir.encode()).hexdigest()[:12]
-    actor = ray.remote(JobStore).options(
-        name=name, namespace="fis", get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=16,
-        resources={"node:__internal_head__": 0.001}, runtime_env=RUNTIME_ENV).remote(output_dir)
+    actor = (
+        ray.remote(JobStore)
+        .options(
+            name=name,
+            namespace="fis",
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=0,
+            max_concurrency=16,
+            resources={"node:__internal_head__": 0.001},
+            runtime_env=RUNTIME_ENV,
+        )
+        .remote(output_dir)
+    )
     return RemoteStore(actor)
 
 
@@ -219,8 +237,9 @@ class VideoDeployment:
 
     def __init__(self, config: ServeConfig):
         gpus = use_gpus(config.model.device)
-        self.service = VideoService(config, lambda: WorkerGroup(config.model, gpus),
-                                    store=shared_store(config.serve.output_dir))
+        self.service = VideoService(
+            config, lambda: WorkerGroup(config.model, gpus), store=shared_store(config.serve.output_dir)
+        )
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service)
@@ -233,9 +252,13 @@ class VideoDeployment:
 def serve_app(config: ServeConfig):
     """The Serve application (serve.run / `serve run`): config.serve.replicas replicas, each spanning
     cfg x ulysses x ring GPUs. The replica itself only routes and queues, so it reserves no CPU."""
-    return serve.deployment(VideoDeployment, name="fis-video", num_replicas=config.serve.replicas,
-                            max_ongoing_requests=256,
-                            ray_actor_options={"num_cpus": 0, "runtime_env": RUNTIME_ENV}).bind(config)
+    return serve.deployment(
+        VideoDeployment,
+        name="fis-video",
+        num_replicas=config.serve.replicas,
+        max_ongoing_requests=256,
+        ray_actor_options={"num_cpus": 0, "runtime_env": RUNTIME_ENV},
+    ).bind(config)
 
 
 # ---- batch rendering ----------------------------------------------------------------------------------------

@@ -85,8 +85,16 @@ class Batch:
     """One run over a manifest: the plan, the outcomes, the progress bar and summary.json. Thread-safe: Ray
     render groups report from threads of their own."""
 
-    def __init__(self, manifest: str | Path, out_dir: str | Path, default_fis: str, cfg: WorkerConfig,
-                 fps: int = 16, progress: bool = True, report: bool = True):
+    def __init__(
+        self,
+        manifest: str | Path,
+        out_dir: str | Path,
+        default_fis: str,
+        cfg: WorkerConfig,
+        fps: int = 16,
+        progress: bool = True,
+        report: bool = True,
+    ):
         self.manifest, self.out, self.default_fis, self.fps = Path(manifest), Path(out_dir), default_fis, fps
         if not self.manifest.is_file():
             raise UserError(f"manifest {str(manifest)!r} does not exist")
@@ -112,15 +120,18 @@ class Batch:
 
     def is_complete(self, item: Item) -> bool:
         try:
-            return json.loads(self.metrics_path(item).read_text()).get("key") == item.key \
+            return (
+                json.loads(self.metrics_path(item).read_text()).get("key") == item.key
                 and self.video_path(item).is_file()
+            )
         except (OSError, ValueError):
             return False
 
     def request(self, item: Item, family: str) -> GenerationRequest:
         """The line's request with the model family's FIS presets (the id plays no part)."""
-        return parse(item.obj, default_fis=self.default_fis, family=family, allow_id=True,
-                     image_root=self.manifest.parent)[0]  # the image read again: items stay small
+        return parse(
+            item.obj, default_fis=self.default_fis, family=family, allow_id=True, image_root=self.manifest.parent
+        )[0]  # the image read again: items stay small
 
     # ---- outcomes (called by whoever rendered the line: a Ray group thread, or a group leader) --------------
     def next_item(self) -> Item | None:
@@ -129,8 +140,10 @@ class Batch:
 
     def done(self, item: Item, result: dict) -> None:
         write_mp4(result["frames"], self.video_path(item), fps=self.fps)
-        write_json({**result["metrics"], "id": item.id, "line": item.line, "key": item.key,
-                    "manifest": str(self.manifest)}, self.metrics_path(item))  # last: marks the line complete
+        write_json(
+            {**result["metrics"], "id": item.id, "line": item.line, "key": item.key, "manifest": str(self.manifest)},
+            self.metrics_path(item),
+        )  # last: marks the line complete
         with self._lock:
             self.rendered.append(item.id)
             self.bar.update()
@@ -167,11 +180,18 @@ class Batch:
         elapsed = time.time() - self.started
         failures = sorted(self.bad + self.errors, key=lambda f: f["line"])
         s = {
-            "manifest": str(self.manifest), "output_dir": str(self.out), "backend": backend,
-            "groups": groups, "ranks_per_group": ranks,
-            "total": len(self.items) + len(self.bad), "done": len(self.rendered), "skipped": len(self.skipped),
-            "failed": len(failures), "failures": failures,
-            "done_ids": sorted(self.rendered), "skipped_ids": [i.id for i in self.skipped],
+            "manifest": str(self.manifest),
+            "output_dir": str(self.out),
+            "backend": backend,
+            "groups": groups,
+            "ranks_per_group": ranks,
+            "total": len(self.items) + len(self.bad),
+            "done": len(self.rendered),
+            "skipped": len(self.skipped),
+            "failed": len(failures),
+            "failures": failures,
+            "done_ids": sorted(self.rendered),
+            "skipped_ids": [i.id for i in self.skipped],
             "not_run": [i.id for i in self._queue],  # left when every render group was lost
             "total_time_s": round(elapsed, 3),
             "videos_per_hour": round(len(self.rendered) / elapsed * 3600, 2) if self.rendered else 0.0,

@@ -94,7 +94,9 @@ def validate(req: GenerationRequest, info: ModelInfo, fit_image: bool = True) ->
     _int("num_frames", frames, 1, MAX_FRAMES)
     if (frames - 1) % info.vae_t:
         lo = (frames - 1) // info.vae_t * info.vae_t + 1
-        raise UserError(f"num_frames must be of the form {info.vae_t}k+1 (e.g. {lo} or {lo + info.vae_t}), got {frames}")
+        raise UserError(
+            f"num_frames must be of the form {info.vae_t}k+1 (e.g. {lo} or {lo + info.vae_t}), got {frames}"
+        )
     _int("steps", req.steps, 1, 1000)
     guidance = info.default_guidance if req.guidance is None else req.guidance
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 50:
@@ -112,8 +114,19 @@ def validate(req: GenerationRequest, info: ModelInfo, fit_image: bool = True) ->
         raise UserError("image is not accepted: this is a text-to-video model; drop the reference image")
     if req.image and fit_image:
         prepare(req.image, h, w, req.image_fit)  # exists, decodes, fits (image_fit strict: the size matches)
-    out = GenerationRequest(req.prompt, req.negative_prompt, h, w, frames, req.steps, float(guidance), req.seed,
-                            req.fis, req.image, req.image_fit)
+    out = GenerationRequest(
+        req.prompt,
+        req.negative_prompt,
+        h,
+        w,
+        frames,
+        req.steps,
+        float(guidance),
+        req.seed,
+        req.fis,
+        req.image,
+        req.image_fit,
+    )
     check_fis(out, info)
     return out
 

@@ -17,11 +17,22 @@ from fis import FISConfig, FISConfigError
 
 from . import images
 from .presets import PRESETS, build_fis
-from .request import (MAX_FRAMES, MAX_SIDE, RESOLUTIONS, GenerationRequest, ModelInfo, UserError, check_fis,
-                      validate)
+from .request import MAX_FRAMES, MAX_SIDE, RESOLUTIONS, GenerationRequest, ModelInfo, UserError, check_fis, validate
 
-FIELDS = ("prompt", "negative_prompt", "size", "height", "width", "num_frames", "num_inference_steps",
-          "guidance_scale", "seed", "fis", "image", "image_fit")
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "size",
+    "height",
+    "width",
+    "num_frames",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "fis",
+    "image",
+    "image_fit",
+)
 FIS_OVERRIDES = ("stride", "blocks", "dense_steps", "operator")
 FIS_NAMES = ("off", *PRESETS)
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a file name on every OS: no separators, no leading dot
@@ -48,8 +59,14 @@ class Limits:
     max_image_kib: int = 8192  # the decoded reference image
 
 
-def parse(obj, limits: Limits = Limits(), default_fis: str = "off", family: str = "default",
-          allow_id: bool = False, image_root: Path | None = None) -> tuple[GenerationRequest, str | None]:
+def parse(
+    obj,
+    limits: Limits = Limits(),
+    default_fis: str = "off",
+    family: str = "default",
+    allow_id: bool = False,
+    image_root: Path | None = None,
+) -> tuple[GenerationRequest, str | None]:
     """A decoded JSON object -> (request, its 'id' or None). Model-dependent checks come later (check_for).
     image_root: a manifest's folder, where `image` paths are read from; None (HTTP): `image` is base64 only."""
     if not isinstance(obj, dict):
@@ -62,8 +79,9 @@ def parse(obj, limits: Limits = Limits(), default_fis: str = "off", family: str 
     if allow_id and "id" in obj:
         job_id = obj["id"]
         if not isinstance(job_id, str) or not ID.fullmatch(job_id):
-            raise FieldError("id", f"id must be 1-128 letters, digits, '.', '_' or '-' (not starting with '.'), "
-                                   f"got {_show(job_id)}")
+            raise FieldError(
+                "id", f"id must be 1-128 letters, digits, '.', '_' or '-' (not starting with '.'), got {_show(job_id)}"
+            )
     if "prompt" not in obj:
         raise FieldError("prompt", "prompt is required")
     prompt = _str(obj, "prompt")
@@ -105,10 +123,18 @@ def check_for(req: GenerationRequest, info: ModelInfo) -> GenerationRequest:
 
 def api_view(d: dict) -> dict:
     """A stored request (GenerationRequest.to_dict) under the API's field names, model defaults filled in."""
-    return {"prompt": d["prompt"], "negative_prompt": d["negative_prompt"], "size": f"{d['width']}x{d['height']}",
-            "num_frames": d["num_frames"], "num_inference_steps": d["steps"], "guidance_scale": d["guidance"],
-            "seed": d["seed"], "fis": d["fis"], "image": images.describe(d.get("image")),
-            "image_fit": d.get("image_fit", "crop")}
+    return {
+        "prompt": d["prompt"],
+        "negative_prompt": d["negative_prompt"],
+        "size": f"{d['width']}x{d['height']}",
+        "num_frames": d["num_frames"],
+        "num_inference_steps": d["steps"],
+        "guidance_scale": d["guidance"],
+        "seed": d["seed"],
+        "fis": d["fis"],
+        "image": images.describe(d.get("image")),
+        "image_fit": d.get("image_fit", "crop"),
+    }
 
 
 def request_from_dict(d: dict) -> GenerationRequest:
@@ -159,8 +185,9 @@ def _size(obj, limits: Limits) -> tuple[int | None, int | None]:
     elif isinstance(s, str) and _SIZE.fullmatch(s):
         w, h = map(int, _SIZE.fullmatch(s).groups())
     else:
-        raise FieldError("size", f"size must be 'WIDTHxHEIGHT' (e.g. '832x480') or one of "
-                                 f"{', '.join(RESOLUTIONS)}, got {_show(s)}")
+        raise FieldError(
+            "size", f"size must be 'WIDTHxHEIGHT' (e.g. '832x480') or one of {', '.join(RESOLUTIONS)}, got {_show(s)}"
+        )
     for v in (w, h):
         if not 1 <= v <= limits.max_side:
             raise FieldError("size", f"size sides must be between 1 and {limits.max_side}, got {s!r}")
@@ -174,8 +201,9 @@ def _image(obj, limits: Limits, root: Path | None) -> str | None:
     if v is None:
         return None
     if not isinstance(v, str) or not v.strip():
-        raise FieldError("image", f"image must be a base64 string{'' if root is None else ' or a file path'}, "
-                                  f"got {_show(v)}")
+        raise FieldError(
+            "image", f"image must be a base64 string{'' if root is None else ' or a file path'}, got {_show(v)}"
+        )
     max_bytes = limits.max_image_kib * 1024
     try:
         if root is None or images.is_data(v):
@@ -195,8 +223,10 @@ def _fis(spec, default: str, family: str) -> FISConfig | None:
         raise FieldError("fis", f"fis must be a preset name ({', '.join(FIS_NAMES)}) or an object, got {_show(spec)}")
     unknown = sorted(k for k in spec if k not in ("preset", *FIS_OVERRIDES))
     if unknown:
-        raise FieldError(f"fis.{unknown[0][:60]}",
-                         f"unknown fis setting {_show(unknown[0])}; valid: preset, {', '.join(FIS_OVERRIDES)}")
+        raise FieldError(
+            f"fis.{unknown[0][:60]}",
+            f"unknown fis setting {_show(unknown[0])}; valid: preset, {', '.join(FIS_OVERRIDES)}",
+        )
     preset = spec.get("preset", default)
     if not isinstance(preset, str) or preset.lower() not in FIS_NAMES:
         raise FieldError("fis.preset", f"unknown FIS preset {_show(preset)}: use one of {', '.join(FIS_NAMES)}")

@@ -154,13 +154,27 @@ class VideoService:
         workers = group.health() if group is not None else []
         running = self._thread.is_alive()
         ok = running and group is not None and all(w["alive"] for w in workers)
-        error = None if ok else ("the job runner stopped (see the replica log)" if not running
-                                 else self.group_error or "the worker group is starting")
+        error = (
+            None
+            if ok
+            else (
+                "the job runner stopped (see the replica log)"
+                if not running
+                else self.group_error or "the worker group is starting"
+            )
+        )
         counts = self.store.counts()
-        return ok, {"status": "ok" if ok else "unavailable", "model": self.config.model_name,
-                    "workers": workers, "error": error,
-                    "queue": {"queued": counts["queued"], "running": counts["running"],
-                              "capacity": self.config.serve.queue_size}}
+        return ok, {
+            "status": "ok" if ok else "unavailable",
+            "model": self.config.model_name,
+            "workers": workers,
+            "error": error,
+            "queue": {
+                "queued": counts["queued"],
+                "running": counts["running"],
+                "capacity": self.config.serve.queue_size,
+            },
+        }
 
     def close(self) -> None:
         """Replica shutdown: its running job is reported interrupted now, then the workers go."""
@@ -210,8 +224,11 @@ class VideoService:
             self.store.finish(job_id, "failed", f"{type(e).__name__}: {e}")
         else:
             m = result["metrics"]
-            timings = {"run_s": t1 - t0, "write_s": time.time() - t1,
-                       **{k: m[k] for k in ("latency_s", "text_encode_s", "denoise_s", "decode_s")}}
+            timings = {
+                "run_s": t1 - t0,
+                "write_s": time.time() - t1,
+                **{k: m[k] for k in ("latency_s", "text_encode_s", "denoise_s", "decode_s")},
+            }
             self.store.finish(job_id, "completed", timings=timings)
 
     def _rebuild(self) -> bool:

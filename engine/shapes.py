@@ -12,8 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
-           "white": (245, 245, 245), "purple": (150, 60, 200)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 220, 50),
+    "white": (245, 245, 245),
+    "purple": (150, 60, 200),
+}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0), "up": (0.0, -1.0)}  # (dx, dy)
 SPEEDS = {"slowly": 0.3, "quickly": 0.6}  # fraction of the frame side crossed over the whole clip
@@ -43,8 +49,13 @@ def parse_prompt(text: str) -> Spec | None:
     """The Spec a grammar prompt names, or None if it is not one."""
     words = text.lower().replace(",", " ").split()
     found = {}
-    for key, vocab in (("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS), ("speed", SPEEDS),
-                       ("background", BACKGROUNDS)):
+    for key, vocab in (
+        ("colour", COLOURS),
+        ("shape", SHAPES),
+        ("direction", DIRECTIONS),
+        ("speed", SPEEDS),
+        ("background", BACKGROUNDS),
+    ):
         hits = [w for w in words if w in vocab]
         if len(hits) != 1:
             return None
@@ -93,7 +104,7 @@ def centroid_track(video: np.ndarray, colour: str, tol: float = 60.0) -> np.ndar
     target = np.array(COLOURS[colour], np.float32)
     dist = np.linalg.norm(video.astype(np.float32) - target, axis=-1)  # [F, H, W]
     out = np.full((video.shape[0], 2), np.nan, np.float32)
-    yy, xx = np.mgrid[0:video.shape[1], 0:video.shape[2]]
+    yy, xx = np.mgrid[0 : video.shape[1], 0 : video.shape[2]]
     for f, d in enumerate(dist):
         m = d < tol
         if m.sum() >= 4:
@@ -114,5 +125,8 @@ def adherence(video: np.ndarray, spec: Spec, min_travel: float = 0.1) -> dict:
     want = np.array(DIRECTIONS[spec.direction], np.float32)
     along = float(move @ want)
     across = float(abs(move @ want[::-1]))
-    return {"colour": colour_ok, "direction": bool(along >= min_travel and along > across),
-            "displacement": [float(move[0]), float(move[1])]}
+    return {
+        "colour": colour_ok,
+        "direction": bool(along >= min_travel and along > across),
+        "displacement": [float(move[0]), float(move[1])],
+    }

@@ -25,8 +25,21 @@ import torch.nn.functional as F
 from . import shapes
 from .video import to_uint8, write_json
 
-VOCAB = " ".join(["a", "an", "the", "on", "moving", "background", *shapes.COLOURS, *shapes.SHAPES, *shapes.DIRECTIONS,
-                  *shapes.SPEEDS, *shapes.BACKGROUNDS])
+VOCAB = " ".join(
+    [
+        "a",
+        "an",
+        "the",
+        "on",
+        "moving",
+        "background",
+        *shapes.COLOURS,
+        *shapes.SHAPES,
+        *shapes.DIRECTIONS,
+        *shapes.SPEEDS,
+        *shapes.BACKGROUNDS,
+    ]
+)
 
 
 @dataclass
@@ -65,18 +78,41 @@ def build_pipeline(cfg: TrainConfig):
 
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(max_length=cfg.text_len, vocab_text=VOCAB)
-    text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
     text_encoder.requires_grad_(False)  # frozen: random but fixed features per word and position
     vae = PatchVAE(z_dim=cfg.z_dim, latents_mean=[0.0] * cfg.z_dim, latents_std=[1.0] * cfg.z_dim)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim, in_channels=cfg.z_dim,
-        out_channels=cfg.z_dim, text_dim=64, freq_dim=256, ffn_dim=cfg.ffn, num_layers=cfg.layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=256)
+        patch_size=(1, 2, 2),
+        num_attention_heads=cfg.heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.z_dim,
+        out_channels=cfg.z_dim,
+        text_dim=64,
+        freq_dim=256,
+        ffn_dim=cfg.ffn,
+        num_layers=cfg.layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=256,
+    )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=scheduler)
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
 
 
 def _clip(args):
@@ -130,7 +166,7 @@ def _fit(total, step, clock, warmup) -> int:
 @torch.no_grad()
 def encode_all(vae, clips: torch.Tensor, batch: int = 16) -> torch.Tensor:
     """[N, Z, F_lat, h, w] float32 latents."""
-    out = [vae.encode(to_pixels(clips[i:i + batch])).latent_dist.mode().float() for i in range(0, len(clips), batch)]
+    out = [vae.encode(to_pixels(clips[i : i + batch])).latent_dist.mode().float() for i in range(0, len(clips), batch)]
     return torch.cat(out)
 
 
@@ -150,13 +186,15 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: Trai
     dev = latents.device
     model = pipe.transformer.train().requires_grad_(True)
     table = sorted(set(prompts)) + [""]
-    emb = pipe.encode_prompt(table, do_classifier_free_guidance=False, max_sequence_length=cfg.text_len,
-                             device=dev)[0].float()  # [U, L, 64]; exactly what the pipeline computes at inference
+    emb = pipe.encode_prompt(table, do_classifier_free_guidance=False, max_sequence_length=cfg.text_len, device=dev)[
+        0
+    ].float()  # [U, L, 64]; exactly what the pipeline computes at inference
     which = torch.tensor([table.index(p) for p in prompts], device=dev)
     sigmas = sampler_sigmas(cfg).to(dev)
     ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.01, betas=(0.9, 0.99),
-                            fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.dit_lr, weight_decay=0.01, betas=(0.9, 0.99), fused=dev.type == "cuda"
+    )
     fwd = torch.compile(model) if cfg.compile and dev.type == "cuda" else model
     g = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
     clock, total, step, B = _Clock(cfg.dit_budget_s), cfg.dit_steps, 0, cfg.dit_batch
@@ -208,8 +246,9 @@ def train(cfg: TrainConfig, device: torch.device, workers: int = 1, log=print):
     clips = torch.from_numpy(clips_np).to(device)  # [N, F, H, W, 3] uint8
     log(f"{len(clips)} clips {tuple(clips.shape[1:])} in {time.perf_counter() - t0:.1f}s")
     t1 = time.perf_counter()
-    kept = pipe.vae.fit([to_pixels(clips[i:i + 50]) for i in range(0, min(cfg.pca_clips, len(clips)), 50)],
-                        seed=cfg.seed)
+    kept = pipe.vae.fit(
+        [to_pixels(clips[i : i + 50]) for i in range(0, min(cfg.pca_clips, len(clips)), 50)], seed=cfg.seed
+    )
     lat = encode_all(pipe.vae, clips)  # [N, Z, F, h, w]
     mean, std = lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4))
     pipe.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
@@ -222,10 +261,15 @@ def train(cfg: TrainConfig, device: torch.device, workers: int = 1, log=print):
     t2 = time.perf_counter()
     cfg.done["dit_steps"] = train_transformer(pipe, lat, prompts, cfg, log)
     t4 = time.perf_counter()
-    report = {"config": asdict(cfg), "latent_shape": list(lat.shape[1:]), "ae_recon_psnr_db": ae_psnr,
-              "pca_variance_kept": kept, "seconds": {"data": t1 - t0, "vae": t2 - t1, "transformer": t4 - t2},
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__}
+    report = {
+        "config": asdict(cfg),
+        "latent_shape": list(lat.shape[1:]),
+        "ae_recon_psnr_db": ae_psnr,
+        "pca_variance_kept": kept,
+        "seconds": {"data": t1 - t0, "vae": t2 - t1, "transformer": t4 - t2},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     return pipe, report
 
 
@@ -235,9 +279,17 @@ def check_adherence(pipe, cfg: TrainConfig, prompts: int, seed: int = 1234) -> f
     rng, ok = np.random.default_rng(seed), []
     for i in range(prompts):
         spec = shapes.sample_spec(rng)
-        video = pipe(prompt=spec.prompt(), height=cfg.size, width=cfg.size, num_frames=cfg.frames,
-                     num_inference_steps=4, guidance_scale=1.0, max_sequence_length=cfg.text_len,  # as trained
-                     output_type="np", generator=torch.Generator("cpu").manual_seed(i)).frames[0]
+        video = pipe(
+            prompt=spec.prompt(),
+            height=cfg.size,
+            width=cfg.size,
+            num_frames=cfg.frames,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            max_sequence_length=cfg.text_len,  # as trained
+            output_type="np",
+            generator=torch.Generator("cpu").manual_seed(i),
+        ).frames[0]
         res = shapes.adherence(to_uint8(video), spec)
         ok.append(res["colour"] and res["direction"])
     return float(np.mean(ok)) if ok else None
@@ -252,6 +304,11 @@ def save(pipe, out, report: dict) -> None:
         m.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
     write_json(report, Path(out) / "training.json")
-    defaults = {"height": report["config"]["size"], "width": report["config"]["size"],
-                "num_frames": report["config"]["frames"], "steps": 4, "guidance": 1.0}
+    defaults = {
+        "height": report["config"]["size"],
+        "width": report["config"]["size"],
+        "num_frames": report["config"]["frames"],
+        "steps": 4,
+        "guidance": 1.0,
+    }
     write_json(defaults, Path(out) / "engine_defaults.json")

@@ -48,23 +48,45 @@ def build_pipeline(variant: str = "t2v", seed: int = 0, num_layers: int = 6):
     tokenizer = build_tokenizer()
     text_dim = 32
     text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=text_dim,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
     ).eval()
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
     # Euler flow matching with shift 5: the Wan 2.2 Lightning sampler.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     i2v = variant == "i2v"
 
     def transformer():
         return WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36 if i2v else 16,
-            out_channels=16, text_dim=text_dim, freq_dim=32, ffn_dim=64, num_layers=num_layers, rope_max_seq_len=64,
-            image_dim=16 if i2v else None, added_kv_proj_dim=32 if i2v else None,
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=36 if i2v else 16,
+            out_channels=16,
+            text_dim=text_dim,
+            freq_dim=32,
+            ffn_dim=64,
+            num_layers=num_layers,
+            rope_max_seq_len=64,
+            image_dim=16 if i2v else None,
+            added_kv_proj_dim=32 if i2v else None,
         ).eval()
 
-    parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer())
+    parts = dict(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer()
+    )
     if variant == "a14b":
         from diffusers import WanPipeline
 
@@ -77,9 +99,17 @@ def build_pipeline(variant: str = "t2v", seed: int = 0, num_layers: int = 6):
         from diffusers import WanImageToVideoPipeline
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-        enc = CLIPVisionModel(CLIPVisionConfig(
-            hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            intermediate_size=32, patch_size=8)).eval()
+        enc = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=16,
+                projection_dim=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                intermediate_size=32,
+                patch_size=8,
+            )
+        ).eval()
         proc = CLIPImageProcessor(crop_size=32, size=32)
         return WanImageToVideoPipeline(**parts, image_encoder=enc, image_processor=proc)
     from diffusers import WanPipeline

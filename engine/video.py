@@ -40,8 +40,9 @@ def write_mp4(frames, path: str | Path, fps: int = 16) -> Path:
             import imageio.v2 as imageio
             import imageio_ffmpeg  # noqa: F401
 
-            with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                                    ffmpeg_log_level="error") as w:
+            with imageio.get_writer(
+                tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1, ffmpeg_log_level="error"
+            ) as w:
                 for f in frames:
                     w.append_data(f)
         except ImportError:

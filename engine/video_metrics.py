@@ -22,8 +22,11 @@ def ssim(video: np.ndarray, ref: np.ndarray) -> float:
 
     _check(video, ref)
     win = min(7, (min(ref.shape[1:3]) - 1) // 2 * 2 + 1)  # SSIM's default 7, or the largest odd size that fits
-    return float(np.mean([structural_similarity(r, v, channel_axis=-1, data_range=255, win_size=win)
-                          for r, v in zip(ref, video)]))
+    return float(
+        np.mean(
+            [structural_similarity(r, v, channel_axis=-1, data_range=255, win_size=win) for r, v in zip(ref, video)]
+        )
+    )
 
 
 def flicker(video: np.ndarray) -> float:

@@ -21,8 +21,16 @@ from .attention_backend import set_attention_backend
 from .compile import compile_blocks
 from .fis_hooks import FISState, apply_fis
 from .images import prepare as prepare_image
-from .loader import (EMBEDDED_NAME, load_loras, load_pipeline, model_info, pick_device, pick_dtype, set_scheduler,
-                     transformers_of)
+from .loader import (
+    EMBEDDED_NAME,
+    load_loras,
+    load_pipeline,
+    model_info,
+    pick_device,
+    pick_dtype,
+    set_scheduler,
+    transformers_of,
+)
 from .pipelines import PipelineCall
 from .request import GenerationRequest, UserError, validate
 
@@ -95,8 +103,9 @@ class Worker:
         self.parallel = None
         if self.ctx.is_distributed:  # after FIS: the frame layout wraps the FIS block hooks
             try:
-                self.parallel = parallelize_pipeline(self.pipe, self.ctx, cfg.shard, cfg.sp_attention,
-                                                     cfg.attention_backend)
+                self.parallel = parallelize_pipeline(
+                    self.pipe, self.ctx, cfg.shard, cfg.sp_attention, cfg.attention_backend
+                )
             except ValueError as e:
                 raise UserError(str(e)) from None
         self.pipe.set_progress_bar_config(disable=self.rank != 0, desc="denoise", leave=False)
@@ -110,12 +119,20 @@ class Worker:
     def describe(self) -> dict:
         t = self.transformers[0]
         d = self.ctx.degrees
-        return {"model": self.cfg.model or EMBEDDED_NAME, "pipeline": type(self.pipe).__name__,
-                "arch": self.info.arch, "image_to_video": self.info.needs_image, "experts": len(self.transformers),
-                "blocks": self.info.num_blocks, "family": self.info.family,
-                "device": str(self.device), "dtype": str(t.dtype), "world_size": self.ctx.world_size,
-                "degrees": {"cfg": d.cfg, "ulysses": d.ulysses, "ring": d.ring},
-                "shard": self.cfg.shard if self.ctx.is_distributed else None}
+        return {
+            "model": self.cfg.model or EMBEDDED_NAME,
+            "pipeline": type(self.pipe).__name__,
+            "arch": self.info.arch,
+            "image_to_video": self.info.needs_image,
+            "experts": len(self.transformers),
+            "blocks": self.info.num_blocks,
+            "family": self.info.family,
+            "device": str(self.device),
+            "dtype": str(t.dtype),
+            "world_size": self.ctx.world_size,
+            "degrees": {"cfg": d.cfg, "ulysses": d.ulysses, "ring": d.ring},
+            "shard": self.cfg.shard if self.ctx.is_distributed else None,
+        }
 
     def validate(self, req: GenerationRequest, fit_image: bool = True) -> GenerationRequest:
         return validate(req, self.info, fit_image)
@@ -129,8 +146,11 @@ class Worker:
 
     def flops(self, req: GenerationRequest, fis=None) -> float:
         dims = self.dims()
-        plan = None if fis is None else fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames),
-                                                    req.steps)
+        plan = (
+            None
+            if fis is None
+            else fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames), req.steps)
+        )
         cfg_passes = 2 if req.guidance > 1.0 else 1
         return generation_flops(dims, req.num_frames, req.height, req.width, req.steps, plan, cfg_passes)
 
@@ -168,10 +188,14 @@ class Worker:
         self.fis.begin(req.steps, req.fis)
         try:
             with self.call.on_step_end(on_step_end) as callback:
-                out = pipe(num_frames=req.num_frames, num_inference_steps=req.steps,
-                           generator=torch.Generator("cpu").manual_seed(req.seed),  # same noise on every rank
-                           output_type="np" if decode and self.ctx.is_leader else "latent",  # the leader decodes
-                           **callback, **extra)
+                out = pipe(
+                    num_frames=req.num_frames,
+                    num_inference_steps=req.steps,
+                    generator=torch.Generator("cpu").manual_seed(req.seed),  # same noise on every rank
+                    output_type="np" if decode and self.ctx.is_leader else "latent",  # the leader decodes
+                    **callback,
+                    **extra,
+                )
         finally:
             self.fis.begin(1, None)
         t_end = M.now(dev)
@@ -195,12 +219,17 @@ class Worker:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if self.ctx.degrees.cfg == 2 and not cfg:
-            metrics["notes"] = ["guidance <= 1 runs no uncond branch: both CFG rank groups computed the same "
-                                "prediction; without --cfg-parallel those ranks would split the sequence instead"]
+            metrics["notes"] = [
+                "guidance <= 1 runs no uncond branch: both CFG rank groups computed the same "
+                "prediction; without --cfg-parallel those ranks would split the sequence instead"
+            ]
         if req.fis is not None:
             plan = req.fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames), req.steps)
-            metrics["fis"] = {**req.fis.to_dict(), "sparse_blocks": list(plan.sparse_blocks),
-                              "sparse_steps": [s for s in range(req.steps) if plan.step_is_sparse(s)]}
+            metrics["fis"] = {
+                **req.fis.to_dict(),
+                "sparse_blocks": list(plan.sparse_blocks),
+                "sparse_steps": [s for s in range(req.steps) if plan.step_is_sparse(s)],
+            }
         frames = out.frames[0] if decode and self.ctx.is_leader else None
         return {"frames": frames, "latents": final["latents"], "metrics": metrics}
 

@@ -5,6 +5,14 @@ from .flops import UNIT, DiTDims, generation_flops
 from .schedule import FISPlan, anchor_frames, interp_table
 
 __all__ = [
-    "OPERATORS", "FISConfig", "FISConfigError", "parse_blocks", "UNIT", "DiTDims",
-    "generation_flops", "FISPlan", "anchor_frames", "interp_table",
+    "OPERATORS",
+    "FISConfig",
+    "FISConfigError",
+    "parse_blocks",
+    "UNIT",
+    "DiTDims",
+    "generation_flops",
+    "FISPlan",
+    "anchor_frames",
+    "interp_table",
 ]

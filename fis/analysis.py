@@ -48,8 +48,9 @@ def per_frame_error(y_sparse: torch.Tensor, y_full: torch.Tensor, num_frames: in
     return e2.sqrt() / n2.sqrt().clamp_min(1e-12)
 
 
-def calibrate(block_error: list[float], budget: float, base: FISConfig, min_dense_head: int = 1,
-              min_dense_tail: int = 1) -> FISConfig:
+def calibrate(
+    block_error: list[float], budget: float, base: FISConfig, min_dense_head: int = 1, min_dense_tail: int = 1
+) -> FISConfig:
     """Pick the sparse block set: every block whose measured interpolation error (Eq. 6 on skipped
     frames, averaged over prompts and sparse steps) is within `budget`, keeping at least
     `min_dense_head` / `min_dense_tail` protected blocks. Returns `base` with that explicit set."""

@@ -82,8 +82,18 @@ WAN_TI2V_5B = DiTDims(num_layers=30, dim=3072, ffn_dim=14336, in_channels=48, ou
 # HunyuanVideo 1.5 8B I2V: 54 dual-stream blocks, 16 x 128 heads, MLP x4, patch 1, VAE 16x/4x. text_len counts
 # the context tokens that join attention: 256 reproduces the paper's 5.47 P at 848x480, 81 frames, 8 steps
 # (with none, 5.40 P); the text projection of the Qwen2.5-VL features (3584 wide) is counted like Wan's.
-HUNYUAN_VIDEO_15 = DiTDims(num_layers=54, dim=2048, ffn_dim=8192, in_channels=65, out_channels=32, patch=(1, 1, 1),
-                           text_len=256, text_dim=3584, vae_s=16, joint=True)
+HUNYUAN_VIDEO_15 = DiTDims(
+    num_layers=54,
+    dim=2048,
+    ffn_dim=8192,
+    in_channels=65,
+    out_channels=32,
+    patch=(1, 1, 1),
+    text_len=256,
+    text_dim=3584,
+    vae_s=16,
+    joint=True,
+)
 
 
 def block_flops(d: DiTDims, tokens: int) -> float:

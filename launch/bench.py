@@ -1,8 +1,8 @@
 """GPU benchmark of FIS-DiT (paper Tables 1-3) on real-size Wan models with random weights.
 
-    python launch/bench.py --model wan2.2-a14b --resolution 480p --attention-sweep --ablations --profile
-    python launch/bench.py --tiny                      # CPU smoke run of everything, seconds
-    python launch/bench.py --append-docs RUN.json      # add a finished run to docs/benchmarks.md (+ docs/bench/)
+python launch/bench.py --model wan2.2-a14b --resolution 480p --attention-sweep --ablations --profile
+python launch/bench.py --tiny                      # CPU smoke run of everything, seconds
+python launch/bench.py --append-docs RUN.json      # add a finished run to docs/benchmarks.md (+ docs/bench/)
 """
 
 from __future__ import annotations
@@ -70,12 +70,28 @@ def main(argv=None) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
     res = "tiny" if a.tiny else a.resolution
     out_json = a.out_json or f"docs/bench/{stamp}-{a.model}-{res}.json"
-    opts = Options(model=a.model, resolution=a.resolution, rows=a.rows, ablations=a.ablations,
-                   attention_backend=a.attention_backend, attention_sweep=a.attention_sweep,
-                   sweep_compile=a.sweep_compile, compile=a.compile, profile=a.profile, vae=a.vae,
-                   repeats=a.repeats, ablation_repeats=a.ablation_repeats, warmup=a.warmup, frames=a.frames,
-                   steps=a.steps, seed=a.seed, tiny=a.tiny, max_seconds=a.max_seconds, out_json=out_json,
-                   command=shlex.join(["python", "launch/bench.py", *(sys.argv[1:] if argv is None else argv)]))
+    opts = Options(
+        model=a.model,
+        resolution=a.resolution,
+        rows=a.rows,
+        ablations=a.ablations,
+        attention_backend=a.attention_backend,
+        attention_sweep=a.attention_sweep,
+        sweep_compile=a.sweep_compile,
+        compile=a.compile,
+        profile=a.profile,
+        vae=a.vae,
+        repeats=a.repeats,
+        ablation_repeats=a.ablation_repeats,
+        warmup=a.warmup,
+        frames=a.frames,
+        steps=a.steps,
+        seed=a.seed,
+        tiny=a.tiny,
+        max_seconds=a.max_seconds,
+        out_json=out_json,
+        command=shlex.join(["python", "launch/bench.py", *(sys.argv[1:] if argv is None else argv)]),
+    )
     _quiet()
     try:
         report = run(opts)

@@ -30,8 +30,16 @@ from engine.video import write_json
 from fis.flops import HUNYUAN_VIDEO_15, UNIT, DiTDims, generation_flops
 from parallel.joint import drop_text_padding
 
-TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=6, num_refiner_layers=1, text_embed_dim=32,
-            text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=(4, 6, 6))
+TINY = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=6,
+    num_refiner_layers=1,
+    text_embed_dim=32,
+    text_embed_2_dim=16,
+    image_embed_dim=16,
+    rope_axes_dim=(4, 6, 6),
+)
 
 
 def build(o):
@@ -51,13 +59,17 @@ def inputs(m, o):
     n_text, n_byt5, n_img = (8, 4, 4) if o.tiny else (1000, 256, 729)
     mask = torch.zeros(1, n_text, dtype=torch.long, device=dev)
     mask[:, : n_text * 3 // 20] = 1  # 15% of the Qwen tokens are the prompt, the rest padding
-    cond = dict(encoder_hidden_states=rnd(1, n_text, c.text_embed_dim), encoder_attention_mask=mask,
-                encoder_hidden_states_2=rnd(1, n_byt5, c.text_embed_2_dim),
-                encoder_attention_mask_2=torch.zeros(1, n_byt5, dtype=torch.long, device=dev),
-                image_embeds=rnd(1, n_img, c.image_embed_dim))
+    cond = dict(
+        encoder_hidden_states=rnd(1, n_text, c.text_embed_dim),
+        encoder_attention_mask=mask,
+        encoder_hidden_states_2=rnd(1, n_byt5, c.text_embed_2_dim),
+        encoder_attention_mask_2=torch.zeros(1, n_byt5, dtype=torch.long, device=dev),
+        image_embeds=rnd(1, n_img, c.image_embed_dim),
+    )
     noise = rnd(1, c.out_channels, f, h, w)
-    image_cond = torch.cat([rnd(1, c.out_channels, 1, h, w), torch.zeros(1, c.out_channels, f - 1, h, w, device=dev,
-                                                                          dtype=dt)], 2)
+    image_cond = torch.cat(
+        [rnd(1, c.out_channels, 1, h, w), torch.zeros(1, c.out_channels, f - 1, h, w, device=dev, dtype=dt)], 2
+    )
     frame_mask = torch.zeros(1, 1, f, h, w, device=dev, dtype=dt)
     frame_mask[:, :, 0] = 1
     return noise, torch.cat([image_cond, frame_mask], 1), cond  # cond channels: [B, 33, F, H, W]
@@ -98,9 +110,13 @@ def run_row(m, noise, extra, cond, fis, o) -> dict:
     step_s = [statistics.median(r[1][i] for r in runs) for i in range(o.steps)]
     dims = DiTDims.from_hunyuan15_config(m.config) if o.tiny else HUNYUAN_VIDEO_15  # the paper's count at size
     plan = None if fis is None else fis.resolve(m.config.num_layers, noise.shape[2], o.steps)
-    return {"total_s": sum(step_s), "step_s": step_s, "latents": runs[-1][0],
-            "flops_P": generation_flops(dims, o.frames, o.height, o.width, o.steps, plan) / UNIT,
-            "peak_gib": torch.cuda.max_memory_allocated(o.device) / 2**30 if o.device.type == "cuda" else None}
+    return {
+        "total_s": sum(step_s),
+        "step_s": step_s,
+        "latents": runs[-1][0],
+        "flops_P": generation_flops(dims, o.frames, o.height, o.width, o.steps, plan) / UNIT,
+        "peak_gib": torch.cuda.max_memory_allocated(o.device) / 2**30 if o.device.type == "cuda" else None,
+    }
 
 
 def main(argv=None):
@@ -110,9 +126,12 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=848)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rows", default="Dense,FIS-Balanced,FIS-Fast")
-    p.add_argument("--context", default="trimmed,masked",
-                   help="trimmed: text padding dropped, no attention mask (parallel.drop_text_padding); "
-                        "masked: diffusers as is, a dense [B, 1, S, S] mask in every block (Dense only)")
+    p.add_argument(
+        "--context",
+        default="trimmed,masked",
+        help="trimmed: text padding dropped, no attention mask (parallel.drop_text_padding); "
+        "masked: diffusers as is, a dense [B, 1, S, S] mask in every block (Dense only)",
+    )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true")
@@ -128,10 +147,17 @@ def main(argv=None):
     contexts.sort(key=lambda c: c != "trimmed")
     m = build(o)
     noise, extra, cond = inputs(m, o)
-    presets = {"Dense": None, "FIS-Balanced": load_fis("balanced", "hunyuanvideo1.5-8b"),
-               "FIS-Fast": load_fis("fast", "hunyuanvideo1.5-8b")}
-    report = {"gpu": torch.cuda.get_device_name(o.device) if o.device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "setting": vars(o) | {"device": str(o.device)}, "rows": []}
+    presets = {
+        "Dense": None,
+        "FIS-Balanced": load_fis("balanced", "hunyuanvideo1.5-8b"),
+        "FIS-Fast": load_fis("fast", "hunyuanvideo1.5-8b"),
+    }
+    report = {
+        "gpu": torch.cuda.get_device_name(o.device) if o.device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "setting": vars(o) | {"device": str(o.device)},
+        "rows": [],
+    }
     dense = None
     for context in contexts:
         undo = drop_text_padding(m) if context == "trimmed" else None
@@ -140,12 +166,20 @@ def main(argv=None):
                 row = run_row(m, noise, extra, cond, presets[name], o)
                 latents = row.pop("latents")
                 dense = dense or (row["total_s"], latents)  # the first row: trimmed Dense
-                row = {"row": name, "context": context, **row, "speedup": dense[0] / row["total_s"],
-                       "rel_l2_vs_dense": fidelity(latents, dense[1])["rel_l2"]}
+                row = {
+                    "row": name,
+                    "context": context,
+                    **row,
+                    "speedup": dense[0] / row["total_s"],
+                    "rel_l2_vs_dense": fidelity(latents, dense[1])["rel_l2"],
+                }
                 report["rows"].append(row)
-                print(f"{context} {name}: {row['total_s']:.3f} s ({row['speedup']:.2f}x), steps "
-                      f"[{' '.join(f'{t:.3f}' for t in row['step_s'])}], {row['flops_P']:.2f} PFLOP, "
-                      f"rel L2 {row['rel_l2_vs_dense']:.3g}, peak {row['peak_gib']} GiB", flush=True)
+                print(
+                    f"{context} {name}: {row['total_s']:.3f} s ({row['speedup']:.2f}x), steps "
+                    f"[{' '.join(f'{t:.3f}' for t in row['step_s'])}], {row['flops_P']:.2f} PFLOP, "
+                    f"rel L2 {row['rel_l2_vs_dense']:.3g}, peak {row['peak_gib']} GiB",
+                    flush=True,
+                )
         finally:
             if undo is not None:
                 undo()

@@ -26,8 +26,12 @@ def parser() -> Parser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--scheduler", default="default")
     p.add_argument("--shift", type=float)
-    p.add_argument("--prompts", type=int, default=24, help="grammar prompts drawn deterministically (24: every "
-                                                             "colour x direction pair once)")
+    p.add_argument(
+        "--prompts",
+        type=int,
+        default=24,
+        help="grammar prompts drawn deterministically (24: every colour x direction pair once)",
+    )
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt draw")
     p.add_argument("--prompt-file", help="one prompt per line instead (adherence only for grammar prompts)")
     p.add_argument("--seeds", default="0", help="generation seeds, comma-separated")
@@ -97,8 +101,13 @@ def run(a, command: str) -> int:
     worker = Worker(WorkerConfig(model=a.model, device=a.device, dtype=a.dtype, scheduler=a.scheduler, shift=a.shift))
     worker.pipe.set_progress_bar_config(disable=True)  # one bar: ours, over the generations
     configs = fidelity.configurations(worker.info.family, a.configs.split(",") if a.configs else None)
-    base = fidelity.check(worker, GenerationRequest(prompt=prompts[0], height=a.height, width=a.width,
-                                                    num_frames=a.frames, steps=a.steps, guidance=a.guidance), configs)
+    base = fidelity.check(
+        worker,
+        GenerationRequest(
+            prompt=prompts[0], height=a.height, width=a.width, num_frames=a.frames, steps=a.steps, guidance=a.guidance
+        ),
+        configs,
+    )
     out.mkdir(parents=True, exist_ok=True)
     videos = out / "videos" if a.save_videos else None
     if videos:
@@ -110,8 +119,11 @@ def run(a, command: str) -> int:
     write_json(report, out / "eval.json")
     md = fidelity_report.write(report, out)
     for t in report["targets"]:
-        print({True: "met     ", False: "MISSED  ", None: "reported"}[t["met"]], t["target"],
-              "" if t["value"] is None else f"{t['value']:.2f} {t['unit']}")
+        print(
+            {True: "met     ", False: "MISSED  ", None: "reported"}[t["met"]],
+            t["target"],
+            "" if t["value"] is None else f"{t['value']:.2f} {t['unit']}",
+        )
     print(f"wrote {md} and {out / 'eval.json'}")
     return 0
 

@@ -12,8 +12,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from engine.cli import (Parser, add_model_args, add_request_args, check_output, fail, quiet_libraries, request,
-                        summary, worker_config)
+from engine.cli import (
+    Parser,
+    add_model_args,
+    add_request_args,
+    check_output,
+    fail,
+    quiet_libraries,
+    request,
+    summary,
+    worker_config,
+)
 
 
 def main(argv=None) -> int:

@@ -29,8 +29,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from engine.video import write_json
 from parallel.joint import JointAttention
 
-BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+BACKENDS = {
+    "default": None,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def measure(fn, device, repeat: int) -> tuple[float, float]:
@@ -72,12 +77,19 @@ def main() -> None:
     text = torch.randn(1, a.text_len, dim, device=device, dtype=dtype)  # [B, L, C], valid tokens first
     mask = (torch.arange(a.text_len, device=device) < a.valid_text)[None]  # [B, L]
     s = n + a.text_len
-    print(f"video tokens {n} ({'x'.join(map(str, grid))}), text {a.text_len} ({a.valid_text} valid), S = {s}; "
-          f"dense bool mask {s * s / 2**20:.0f} MiB per block call, {54 * s * s / 2**30:.1f} GiB built per forward")
-    variants = {"dense": (attn.processor, text, mask), "joint": (JointAttention(), text, mask),
-                "trimmed": (JointAttention(), text[:, :a.valid_text], None)}
-    diff = attn.processor(attn, video, text, mask, rope)[0] - JointAttention()(attn, video, text[:, :a.valid_text],
-                                                                                None, rope)[0]  # [B, N, C]
+    print(
+        f"video tokens {n} ({'x'.join(map(str, grid))}), text {a.text_len} ({a.valid_text} valid), S = {s}; "
+        f"dense bool mask {s * s / 2**20:.0f} MiB per block call, {54 * s * s / 2**30:.1f} GiB built per forward"
+    )
+    variants = {
+        "dense": (attn.processor, text, mask),
+        "joint": (JointAttention(), text, mask),
+        "trimmed": (JointAttention(), text[:, : a.valid_text], None),
+    }
+    diff = (
+        attn.processor(attn, video, text, mask, rope)[0]
+        - JointAttention()(attn, video, text[:, : a.valid_text], None, rope)[0]
+    )  # [B, N, C]
     print(f"video output, dense mask vs trimmed text: max |diff| {diff.abs().max().item():.3g} ({dtype})")
     rows = []
     for backend in a.backends.split(","):
@@ -86,8 +98,10 @@ def main() -> None:
                 with nullcontext() if BACKENDS[backend] is None else sdpa_kernel(BACKENDS[backend]):
                     ms, mib = measure(partial(proc, attn, video, t, m, rope), device, a.repeat)
                 rows.append({"backend": backend, "variant": name, "ms": ms, "peak_mib": mib})
-                print(f"{backend:>9} {name:>8}: {ms:9.2f} ms/call  peak +{mib:8.0f} MiB  "
-                      f"x54 blocks = {54 * ms / 1e3:7.2f} s/forward")
+                print(
+                    f"{backend:>9} {name:>8}: {ms:9.2f} ms/call  peak +{mib:8.0f} MiB  "
+                    f"x54 blocks = {54 * ms / 1e3:7.2f} s/forward"
+                )
             except RuntimeError as e:  # e.g. flash / cuDNN with a dense mask
                 rows.append({"backend": backend, "variant": name, "error": str(e).splitlines()[0][:200]})
                 print(f"{backend:>9} {name:>8}: unsupported ({rows[-1]['error'][:80]})")

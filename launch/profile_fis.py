@@ -74,8 +74,15 @@ def run(a) -> int:
 
     try:
         worker = Worker(worker_config(a))
-        req = GenerationRequest(prompt=prompts[0], height=a.height, width=a.width, num_frames=a.frames,
-                                steps=a.steps, guidance=a.guidance, seed=a.seed)
+        req = GenerationRequest(
+            prompt=prompts[0],
+            height=a.height,
+            width=a.width,
+            num_frames=a.frames,
+            steps=a.steps,
+            guidance=a.guidance,
+            seed=a.seed,
+        )
         prof = profile(worker, prompts, req, a.stride, progress=lambda k, n: print(f"prompt {k}/{n}", flush=True))
     except ValueError as e:  # e.g. a model FIS has no adapter for
         raise UserError(str(e).splitlines()[0]) from None
@@ -84,8 +91,10 @@ def run(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json(prof, out / "profile.json")
     errs = {op: block_error(prof, op, dense_steps=1) for op in OPERATORS}
-    print(f"{len(prompts)} prompt(s) in {sum(prof['seconds_per_prompt']):.1f} s, peak memory "
-          f"{prof['peak_memory_gib']:.1f} GiB ({'GPU' if prof['gpu'] else 'RSS'})")
+    print(
+        f"{len(prompts)} prompt(s) in {sum(prof['seconds_per_prompt']):.1f} s, peak memory "
+        f"{prof['peak_memory_gib']:.1f} GiB ({'GPU' if prof['gpu'] else 'RSS'})"
+    )
     print(f"wrote {report(prof, errs, out)}")
     return 0
 
@@ -117,8 +126,7 @@ def calibrate(a) -> int:
         dense = generation_flops(d, req["num_frames"], req["height"], req["width"], steps)
         fis = generation_flops(d, req["num_frames"], req["height"], req["width"], steps, plan)
         print(f"predicted FLOPs: {fis / UNIT:.4g} P vs dense {dense / UNIT:.4g} P ({dense / fis:.2f}x)")
-    print(f"sparse blocks {list(cfg.blocks)} of {L} (max error {max(errs[b] for b in cfg.blocks):.4f}); "
-          f"wrote {a.out}")
+    print(f"sparse blocks {list(cfg.blocks)} of {L} (max error {max(errs[b] for b in cfg.blocks):.4f}); wrote {a.out}")
     return 0
 
 

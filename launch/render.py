@@ -55,10 +55,13 @@ def main(argv=None) -> int:
         if a.groups is not None and a.groups < 1:
             raise UserError("--groups must be >= 1")
         if world % ranks:
-            raise UserError(f"{world} process(es) cannot form render groups of {ranks}: run under torchrun with "
-                            f"a multiple of {ranks} processes, or with --ray")
-        batch = Batch(a.manifest, a.output_dir, a.fis, cfg, a.fps, progress=rank == 0 and not a.no_progress,
-                      report=rank == 0)
+            raise UserError(
+                f"{world} process(es) cannot form render groups of {ranks}: run under torchrun with "
+                f"a multiple of {ranks} processes, or with --ray"
+            )
+        batch = Batch(
+            a.manifest, a.output_dir, a.fis, cfg, a.fps, progress=rank == 0 and not a.no_progress, report=rank == 0
+        )
         if not batch.pending:
             backend, groups = "none", 0  # nothing to render: no model is loaded
         elif a.ray or a.address:
@@ -73,9 +76,11 @@ def main(argv=None) -> int:
     if rank != 0:
         return 0
     s = batch.summary(backend, groups, ranks)
-    print(f"{s['done']} rendered, {s['skipped']} skipped (already complete), {s['failed']} failed "
-          f"in {s['total_time_s']:.1f} s ({s['videos_per_hour']:.0f} videos/hour); "
-          f"summary: {Path(a.output_dir) / 'summary.json'}")
+    print(
+        f"{s['done']} rendered, {s['skipped']} skipped (already complete), {s['failed']} failed "
+        f"in {s['total_time_s']:.1f} s ({s['videos_per_hour']:.0f} videos/hour); "
+        f"summary: {Path(a.output_dir) / 'summary.json'}"
+    )
     return 0
 
 

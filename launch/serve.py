@@ -56,8 +56,11 @@ def main(argv=None) -> int:
     ray.init(address=a.address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(serve_app(cfg), name="fis", route_prefix="/")
-    print(f"serving {cfg.model_name} at http://{cfg.serve.host}:{cfg.serve.port}/v1/videos "
-          f"(jobs and videos in {cfg.serve.output_dir}); Ctrl-C stops", flush=True)
+    print(
+        f"serving {cfg.model_name} at http://{cfg.serve.host}:{cfg.serve.port}/v1/videos "
+        f"(jobs and videos in {cfg.serve.output_dir}); Ctrl-C stops",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         threading.Event().wait()

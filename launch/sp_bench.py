@@ -28,8 +28,15 @@ from engine.compile import compile_blocks
 from engine.fis_hooks import apply_fis, remove_fis
 from engine.presets import load_fis, model_family
 from engine.video import write_json
-from parallel import (Degrees, ParallelContext, destroy_parallel, init_parallel, parallelize_transformer,
-                      world_size_from_env)
+from parallel import (
+    Degrees,
+    ParallelContext,
+    destroy_parallel,
+    init_parallel,
+    parallelize_transformer,
+    world_size_from_env,
+)
+
 
 def rows(spec) -> dict:
     """Dense and the model's FIS-Balanced preset (configs/fis/, as launch/generate.py and launch/bench.py use)."""
@@ -46,8 +53,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", default="spatial,frame")
     p.add_argument("--attention", default="diffusers,xfuser", help="xfuser rows are skipped where it is missing")
     p.add_argument("--attention-backend", default=None, help="diffusers backend name (default: torch SDPA)")
-    p.add_argument("--compile", default="off", choices=["off", "static"],
-                   help="torch.compile each block (under the FIS and SP hooks), as generate.py --compile")
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "static"],
+        help="torch.compile each block (under the FIS and SP hooks), as generate.py --compile",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--check", action="store_true", help="first resolution: rel L2 of each row vs this GPU alone")
@@ -145,7 +156,12 @@ def profile(s, ctx, shard: str, attention: str, o) -> dict:
         everything += t
         if (k := _kind(a.key)) is not None:
             totals[k] += t
-    res = {"shard": shard, "attention": attention, "basis": "cuda kernels" if cuda else "cpu ops", "total_ms": everything}
+    res = {
+        "shard": shard,
+        "attention": attention,
+        "basis": "cuda kernels" if cuda else "cpu ops",
+        "total_ms": everything,
+    }
     for k, t in totals.items():
         res[f"{k}_ms"] = t
         res[f"{k}_share"] = t / everything if everything else 0.0
@@ -162,8 +178,15 @@ def main(argv=None) -> dict | None:
     spec = MODELS[o.model].tiny() if o.tiny else MODELS[o.model]
     resolutions = ["tiny"] if o.tiny else o.resolutions.split(",")
     shards, attentions = o.shards.split(","), o.attention.split(",")
-    report = {"model": spec.name, "world": world, "compile": o.compile, "torch": torch.__version__, "degrees": dataclasses.asdict(ctx.degrees), "rows": [],
-              "gpu": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"}
+    report = {
+        "model": spec.name,
+        "world": world,
+        "compile": o.compile,
+        "torch": torch.__version__,
+        "degrees": dataclasses.asdict(ctx.degrees),
+        "rows": [],
+        "gpu": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+    }
     say = print if ctx.is_main else (lambda *a, **k: None)
     s = None
     for res in resolutions:
@@ -194,16 +217,22 @@ def main(argv=None) -> dict | None:
                         steps = " ".join(f"{t:.3f}" for t in r["step_s"])
                         check = f", rel L2 vs 1 GPU {r['rel_l2_vs_1gpu']:.2e}" if "rel_l2_vs_1gpu" in r else ""
                         peak = f", peak {r['peak_gib']:.1f} GiB" if "peak_gib" in r else ""
-                        say(f"{res} {shard}/{attention} {row}: steps [{steps}] s, total {r['total_s']:.3f} s"
-                            f"{peak}{check}", flush=True)
+                        say(
+                            f"{res} {shard}/{attention} {row}: steps [{steps}] s, total {r['total_s']:.3f} s"
+                            f"{peak}{check}",
+                            flush=True,
+                        )
                     else:
                         say(f"{res} {shard}/{attention} {row}: {r['status']}", flush=True)
     if o.profile and s is not None:
         report["profile"] = profile(s, ctx, shards[0], attentions[0], o)
         p = report["profile"]
-        say(f"profile ({p['basis']}, {resolutions[-1]} {p['shard']}/{p['attention']} FIS-Balanced): "
+        say(
+            f"profile ({p['basis']}, {resolutions[-1]} {p['shard']}/{p['attention']} FIS-Balanced): "
             f"all-to-all {100 * p['all_to_all_share']:.1f}%, all-gather {100 * p['all_gather_share']:.1f}% "
-            f"of {p['total_ms']:.0f} ms", flush=True)
+            f"of {p['total_ms']:.0f} ms",
+            flush=True,
+        )
     if ctx.is_main and o.out:
         write_json(report, o.out)
     destroy_parallel()

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="train_shapes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="train_shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="pipeline folder to write")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -45,8 +46,19 @@ def main(argv=None) -> int:
         p.error(str(e))
     cfg = TrainConfig(seed=a.seed)
     if a.smoke:
-        cfg = TrainConfig(seed=a.seed, frames=9, size=32, clips=16, pca_clips=16, dit_steps=3, dit_batch=2, layers=2,
-                          ffn=64, heads=2, head_dim=16)
+        cfg = TrainConfig(
+            seed=a.seed,
+            frames=9,
+            size=32,
+            clips=16,
+            pca_clips=16,
+            dit_steps=3,
+            dit_batch=2,
+            layers=2,
+            ffn=64,
+            heads=2,
+            head_dim=16,
+        )
         a.check = min(a.check, 2)
     cfg.compile = a.compile
     for k, v in (("clips", a.clips), ("dit_steps", a.dit_steps), ("dit_batch", a.dit_batch)):

@@ -15,6 +15,16 @@ from .layout import MODES, TokenLayout
 from .pipeline import ParallelHandle, parallelize_pipeline, parallelize_transformer
 
 __all__ = [
-    "AXES", "MODES", "Degrees", "ParallelContext", "ParallelHandle", "TokenLayout", "destroy_parallel",
-    "drop_text_padding", "init_parallel", "parallelize_pipeline", "parallelize_transformer", "world_size_from_env",
+    "AXES",
+    "MODES",
+    "Degrees",
+    "ParallelContext",
+    "ParallelHandle",
+    "TokenLayout",
+    "destroy_parallel",
+    "drop_text_padding",
+    "init_parallel",
+    "parallelize_pipeline",
+    "parallelize_transformer",
+    "world_size_from_env",
 ]

@@ -65,8 +65,10 @@ class CFGParallelHook(ModelHook):
             both = [torch.empty_like(sample) for _ in range(2)]
             dist.all_gather(both, sample.contiguous(), group=self.group)
             if cond_out.shape != both[0].shape or cond_out.dtype != both[0].dtype:
-                raise RuntimeError(f"CFG parallelism: expected a {tuple(cond_out.shape)} {cond_out.dtype} prediction, "
-                                   f"the model returned {tuple(both[0].shape)} {both[0].dtype}")
+                raise RuntimeError(
+                    f"CFG parallelism: expected a {tuple(cond_out.shape)} {cond_out.dtype} prediction, "
+                    f"the model returned {tuple(both[0].shape)} {both[0].dtype}"
+                )
             cond_out.copy_(both[0])
             return _wrap(both[1], kwargs)
         return fwd(*args, **kwargs)  # no CFG this step, or outside a pipeline loop: both groups compute it

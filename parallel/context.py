@@ -110,7 +110,13 @@ def init_parallel(degrees: Degrees, backend: str | None = None) -> ParallelConte
         mesh = dist.device_mesh.init_device_mesh(device.type, degrees.shape(), mesh_dim_names=AXES)
         sp_mesh = mesh["ring", "ulysses"]
         ctx = ParallelContext(
-            degrees, dist.get_rank(), dist.get_world_size(), local_rank, device, mesh, sp_mesh,
+            degrees,
+            dist.get_rank(),
+            dist.get_world_size(),
+            local_rank,
+            device,
+            mesh,
+            sp_mesh,
             sp_mesh._flatten().get_group() if degrees.sp > 1 else None,
             mesh["cfg", "ring", "ulysses"]._flatten().get_group() if degrees.replica > 1 else None,
         )

@@ -47,8 +47,9 @@ class FrameShardFISHook(FISBlockHook):
         for name, rule in self.adapter.per_frame.items():
             value = self.args.get(name, args, kwargs)
             if value is not None:
-                self.args.set(name, slice_frames(name, value, rule, v.anchors, v.num_frames, self.state._reused),
-                              args, kwargs)
+                self.args.set(
+                    name, slice_frames(name, value, rule, v.anchors, v.num_frames, self.state._reused), args, kwargs
+                )
         with self.shard.uneven(len(set(v.sizes)) > 1):  # anchors per rank differ even when frames split evenly
             y = fwd(*args, **kwargs)
         i = self.adapter.output_index  # dual-stream blocks return (video, text): the text stream passes as is
@@ -63,7 +64,7 @@ class FrameShardFISHook(FISBlockHook):
             out += hidden
             y_a = y.view(B, v.anchors.numel(), hw, C)
             out.view(B, v.num_frames, hw, C).index_copy_(1, v.anchors, y_a)  # anchors are the block's own output
-        return out if i is None else (*outs[:i], out, *outs[i + 1:])
+        return out if i is None else (*outs[:i], out, *outs[i + 1 :])
 
     def _view(self, anchors: tuple[int, ...], device) -> _AnchorView:
         layout = self.shard.layout

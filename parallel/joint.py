@@ -47,8 +47,15 @@ class JointAttention:
         q, k, v = _heads(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)  # [B, N, H, D]
         if image_rotary_emb is not None and q.shape[1]:  # (cos, sin), each [N, D]: this rank's video tokens
             q, k = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (q, k))
-        tq, tk, tv = _heads(attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
-                            attn.norm_added_q, attn.norm_added_k)  # [B, L, H, D]
+        tq, tk, tv = _heads(
+            attn,
+            encoder_hidden_states,
+            attn.add_q_proj,
+            attn.add_k_proj,
+            attn.add_v_proj,
+            attn.norm_added_q,
+            attn.norm_added_k,
+        )  # [B, L, H, D]
         B, L = tq.shape[:2]
         keep, idx = None if attention_mask is None else attention_mask.bool(), None  # [B, L] valid text tokens
         if keep is not None and bool((keep == keep[:1]).all()):  # one mask for the batch (B = 1): no mask needed,
@@ -69,10 +76,13 @@ class JointAttention:
         args = (torch.cat([q, tq], 1), torch.cat([k, tk], 1), torch.cat([v, tv], 1))  # [B, N + L_r, H, D]
         if sp and len(set(text.sizes)) > 1:
             cp = self.shard.cp
-            if (cp.ring_degree > 1 and cp.ulysses_degree > 1) or not hasattr(self._parallel_config,
-                                                                             "context_parallel_config"):
-                raise ValueError(f"{text.frames} text tokens do not split evenly over {len(text.sizes)} ranks, as "
-                                 "ring x ulysses attention and xfuser USP need; use ulysses or ring alone")
+            if (cp.ring_degree > 1 and cp.ulysses_degree > 1) or not hasattr(
+                self._parallel_config, "context_parallel_config"
+            ):
+                raise ValueError(
+                    f"{text.frames} text tokens do not split evenly over {len(text.sizes)} ranks, as "
+                    "ring x ulysses attention and xfuser USP need; use ulysses or ring alone"
+                )
             with self.shard.uneven(True):  # the text does not split evenly: diffusers' 'anything' all-to-all
                 out = self._attend(*args, mask)
         else:
@@ -93,8 +103,7 @@ class JointAttention:
             from .xdit import _dispatch
 
             return _dispatch(q, k, v, parallel_config=config)
-        return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend,
-                                     parallel_config=config)
+        return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend, parallel_config=config)
 
 
 def _gather_mask(mask: torch.Tensor, group) -> torch.Tensor:
@@ -144,7 +153,7 @@ def _trim(block, args, kwargs, names, seen):
         seen.update(mask=mask, kept=kept, new=None if valid[:, :kept].all() else mask[:, :kept])
     args = list(args)
     text = names.get("encoder_hidden_states", args, kwargs)  # [B, L', C]; L' = kept after the first block
-    names.set("encoder_hidden_states", text[:, :seen["kept"]], args, kwargs)
+    names.set("encoder_hidden_states", text[:, : seen["kept"]], args, kwargs)
     names.set("attention_mask", seen["new"], args, kwargs)
     return tuple(args), kwargs
 

@@ -41,14 +41,24 @@ def _check(transformers, ctx: ParallelContext, shard: str, attention: str) -> No
             plan_for(t)
 
 
-def parallelize_transformer(transformer, ctx: ParallelContext, shard: str = "spatial", attention: str = "diffusers",
-                            attention_backend: str | None = None) -> ParallelHandle:
+def parallelize_transformer(
+    transformer,
+    ctx: ParallelContext,
+    shard: str = "spatial",
+    attention: str = "diffusers",
+    attention_backend: str | None = None,
+) -> ParallelHandle:
     """Sequence parallelism on one transformer (no CFG: that needs the pipeline's two calls)."""
     return _parallelize([transformer], None, ctx, shard, attention, attention_backend)
 
 
-def parallelize_pipeline(pipe, ctx: ParallelContext, shard: str = "spatial", attention: str = "diffusers",
-                         attention_backend: str | None = None) -> ParallelHandle:
+def parallelize_pipeline(
+    pipe,
+    ctx: ParallelContext,
+    shard: str = "spatial",
+    attention: str = "diffusers",
+    attention_backend: str | None = None,
+) -> ParallelHandle:
     """Sequence parallelism on every transformer of `pipe` (both Wan 2.2 experts) over ctx's ring x ulysses
     ranks, and CFG parallelism over its 'cfg' axis. Every rank gets the whole prediction of every call, so the
     scheduler keeps identical full latents on all ranks. Errors (degrees, heads, shard) come before any change.

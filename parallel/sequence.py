@@ -48,11 +48,13 @@ class SPPlan:
 
 
 PLANS = {
-    "WanTransformer3DModel": SPPlan(embed="patch_embedding", rope="rope", out="proj_out",
-                                    per_token_inputs=("timestep",)),
+    "WanTransformer3DModel": SPPlan(
+        embed="patch_embedding", rope="rope", out="proj_out", per_token_inputs=("timestep",)
+    ),
     # x_embedder.proj is the Conv3d; x_embedder's own flatten(2).transpose(1, 2) then gives [B, N_r, C]
-    "HunyuanVideo15Transformer3DModel": SPPlan(embed="x_embedder.proj", rope="rope", out="proj_out", rope_dim=0,
-                                               joint=True),
+    "HunyuanVideo15Transformer3DModel": SPPlan(
+        embed="x_embedder.proj", rope="rope", out="proj_out", rope_dim=0, joint=True
+    ),
 }
 
 
@@ -118,7 +120,9 @@ class _InputHook(ModelHook):
         latents = self.args.get(self.adapter.input_arg, args, kwargs)  # [B, C, F, H, W], whole on every rank
         self.shard.begin(*self.adapter.geometry(module, latents))
         if self.shard.mode == "frame" and type(_hook(self.blocks[0], BLOCK_HOOK)) is FISBlockHook:
-            raise RuntimeError("frame sharding: call apply_fis before parallelize_pipeline (FIS must see global frames)")
+            raise RuntimeError(
+                "frame sharding: call apply_fis before parallelize_pipeline (FIS must see global frames)"
+            )
         for name in self.plan.per_token_inputs:
             value = self.args.get(name, args, kwargs)
             if torch.is_tensor(value) and value.ndim == 2:  # [B, N]; Wan 2.1 passes [B]
@@ -195,8 +199,9 @@ def _disable_context_parallel(transformer) -> None:
         p._parallel_config = None
 
 
-def attach_sequence_parallel(transformer, ctx: ParallelContext, mode: str, attention: str = "diffusers",
-                             attention_backend: str | None = None):
+def attach_sequence_parallel(
+    transformer, ctx: ParallelContext, mode: str, attention: str = "diffusers", attention_backend: str | None = None
+):
     """Shard `transformer`'s tokens over ctx's ring x ulysses ranks. Returns the undo function."""
     plan = plan_for(transformer)
     blocks = getattr(transformer, adapter_for(transformer).blocks_attr)
@@ -223,10 +228,12 @@ def attach_sequence_parallel(transformer, ctx: ParallelContext, mode: str, atten
             if type(base) is FISBlockHook:
                 _replace_hook(block, BLOCK_HOOK, FrameShardFISHook(base, shard, views))
                 swapped.append((block, base))
-    placed = [(transformer, _InputHook(shard, plan, blocks), INPUT_HOOK),
-              (transformer.get_submodule(plan.embed), _EmbedHook(shard), EMBED_HOOK),
-              (transformer.get_submodule(plan.rope), _RopeHook(shard, plan.rope_dim), ROPE_HOOK),
-              (transformer.get_submodule(plan.out), _GatherHook(shard), OUTPUT_HOOK)]
+    placed = [
+        (transformer, _InputHook(shard, plan, blocks), INPUT_HOOK),
+        (transformer.get_submodule(plan.embed), _EmbedHook(shard), EMBED_HOOK),
+        (transformer.get_submodule(plan.rope), _RopeHook(shard, plan.rope_dim), ROPE_HOOK),
+        (transformer.get_submodule(plan.out), _GatherHook(shard), OUTPUT_HOOK),
+    ]
     for module, hook, name in placed:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
 

@@ -60,8 +60,12 @@ def enable_xfuser_usp(ctx: ParallelContext, processors) -> USPConfig:
 
     if not model_parallel_is_initialized():  # reuses our default process group
         init_distributed_environment(world_size=ctx.world_size, rank=ctx.rank, local_rank=ctx.local_rank)
-        initialize_model_parallel(classifier_free_guidance_degree=ctx.degrees.cfg, sequence_parallel_degree=ctx.sp_size,
-                                  ulysses_degree=ctx.degrees.ulysses, ring_degree=ctx.degrees.ring)
+        initialize_model_parallel(
+            classifier_free_guidance_degree=ctx.degrees.cfg,
+            sequence_parallel_degree=ctx.sp_size,
+            ulysses_degree=ctx.degrees.ulysses,
+            ring_degree=ctx.degrees.ring,
+        )
     # Wan's processor looks dispatch_attention_fn up in its module at every call; the wrapper passes everything
     # but our marked self-attention through to diffusers, so it stays installed.
     wan.dispatch_attention_fn = _dispatch

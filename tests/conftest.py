@@ -31,8 +31,14 @@ def run_cli(script: str, *args, nproc: int | None = None, cwd=None, timeout=300)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     torchrun = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run([sys.executable, *torchrun, str(ROOT / "launch" / script), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *torchrun, str(ROOT / "launch" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:
@@ -49,9 +55,18 @@ def tiny_hunyuan_transformer(heads: int = 2):
 
     torch.manual_seed(0)
     return HunyuanVideo15Transformer3DModel(
-        in_channels=9, out_channels=4, num_attention_heads=heads, attention_head_dim=16, num_layers=5,
-        num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(4, 6, 6),
-        target_size=32).eval()
+        in_channels=9,
+        out_channels=4,
+        num_attention_heads=heads,
+        attention_head_dim=16,
+        num_layers=5,
+        num_refiner_layers=1,
+        text_embed_dim=16,
+        text_embed_2_dim=8,
+        image_embed_dim=8,
+        rope_axes_dim=(4, 6, 6),
+        target_size=32,
+    ).eval()
 
 
 @pytest.fixture(autouse=True)

@@ -47,9 +47,18 @@ def _bare_transformer(heads: int):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=32 // heads,
-                                 in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=4,
-                                 rope_max_seq_len=64).eval()
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=32 // heads,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=4,
+        rope_max_seq_len=64,
+    ).eval()
 
 
 def _generate(pipe, state=None, guidance=1.0, frames=17, size=64, steps=3, embeds=None):
@@ -59,8 +68,16 @@ def _generate(pipe, state=None, guidance=1.0, frames=17, size=64, steps=3, embed
         state.begin(steps)
         kw = {**kw, "callback_on_step_end": state.step_callback}
     with torch.no_grad():
-        return pipe(**kw, height=size, width=size, num_frames=frames, num_inference_steps=steps,
-                    guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+        return pipe(
+            **kw,
+            height=size,
+            width=size,
+            num_frames=frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).frames
 
 
 # ---- scenarios --------------------------------------------------------------------------------------------
@@ -105,8 +122,9 @@ def transformer_sp(heads=2):
 
         def run(x=x):
             with torch.no_grad():
-                return tr(hidden_states=x, timestep=torch.tensor([700]), encoder_hidden_states=text,
-                          return_dict=False)[0]
+                return tr(hidden_states=x, timestep=torch.tensor([700]), encoder_hidden_states=text, return_dict=False)[
+                    0
+                ]
 
         dense = run()
         for fis in (None, "residual", "linear"):
@@ -165,7 +183,9 @@ def pipeline_sp(variant="ti2v"):
                 out[f"fis_effect_{size}"] = _diff(ref, dense)
             for mode in ("spatial", "frame"):
                 handle = parallelize_pipeline(pipe, ctx, shard=mode)
-                out[f"{mode}_{size}_{'fis' if fis else 'dense'}"] = _diff(_generate(pipe, state, guidance, frames, px), ref)
+                out[f"{mode}_{size}_{'fis' if fis else 'dense'}"] = _diff(
+                    _generate(pipe, state, guidance, frames, px), ref
+                )
                 handle.remove()
             if fis:
                 for t in (pipe.transformer, getattr(pipe, "transformer_2", None)):
@@ -239,13 +259,25 @@ def ring_on_cpu():
     return {"message": "no error"}
 
 
-SCENARIOS = {f.__name__: f for f in (attention_slices, transformer_sp, transformer_sp_4heads, pipeline_sp,
-                                     pipeline_sp_a14b, cfg_parallel, bad_heads, ring_on_cpu)}
+SCENARIOS = {
+    f.__name__: f
+    for f in (
+        attention_slices,
+        transformer_sp,
+        transformer_sp_4heads,
+        pipeline_sp,
+        pipeline_sp_a14b,
+        cfg_parallel,
+        bad_heads,
+        ring_on_cpu,
+    )
+}
 
 
 def main(rank: int, world: int, port: int, out_path: str, names: list[str]) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     _quiet()
     # our own init, for the short timeout: a scenario failing on one rank fails the test instead of hanging

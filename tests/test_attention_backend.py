@@ -8,8 +8,9 @@ from engine.attention_backend import set_attention_backend
 
 
 def _processors(module):
-    return [m.processor for m in module.modules()
-            if hasattr(m, "processor") and hasattr(m.processor, "_attention_backend")]
+    return [
+        m.processor for m in module.modules() if hasattr(m, "processor") and hasattr(m.processor, "_attention_backend")
+    ]
 
 
 def _tiny():

@@ -14,9 +14,25 @@ from launch.bench import main
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
-    r = run_cli("bench.py", "--tiny", "--ablations", "--profile", "--attention-sweep", "--sweep-compile", "off",
-                "--vae", "--repeats", "1", "--warmup", "0", "--out-json", d / "run.json",
-                "--docs", d / "benchmarks.md", timeout=240)
+    r = run_cli(
+        "bench.py",
+        "--tiny",
+        "--ablations",
+        "--profile",
+        "--attention-sweep",
+        "--sweep-compile",
+        "off",
+        "--vae",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--out-json",
+        d / "run.json",
+        "--docs",
+        d / "benchmarks.md",
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return d, r.stdout, json.loads((d / "run.json").read_text())
 
@@ -74,13 +90,16 @@ def test_docs_are_appended_never_rewritten(tiny_run, tmp_path):
     assert (tmp_path / "docs" / "bench" / "run.json").exists()
 
 
-@pytest.mark.parametrize("args, valid", [
-    (["--model", "wan9"], "wan2.2-a14b, wan2.2-ti2v-5b, wan2.1-1.3b"),
-    (["--resolution", "1080p"], "480p, 720p"),
-    (["--rows", "Dense,Bogus"], ", ".join(ROWS)),
-    (["--attention-backend", "fa9"], "_native_cudnn"),
-    (["--compile", "max"], "off, static, auto"),
-])
+@pytest.mark.parametrize(
+    "args, valid",
+    [
+        (["--model", "wan9"], "wan2.2-a14b, wan2.2-ti2v-5b, wan2.1-1.3b"),
+        (["--resolution", "1080p"], "480p, 720p"),
+        (["--rows", "Dense,Bogus"], ", ".join(ROWS)),
+        (["--attention-backend", "fa9"], "_native_cudnn"),
+        (["--compile", "max"], "off, static, auto"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args, valid, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--tiny", *args])
@@ -118,12 +137,45 @@ def test_a_failing_row_reports_oom_and_leaves_the_models_clean(monkeypatch):
 
 def test_time_budget_skips_later_rows_and_sweep_only_runs(tmp_path):
     out = tmp_path / "budget.json"
-    assert main(["--tiny", "--rows", "Dense,FIS-Fast", "--max-seconds", "0", "--repeats", "1", "--warmup", "0",
-                 "--out-json", str(out), "--docs", "none"]) == 0
+    assert (
+        main(
+            [
+                "--tiny",
+                "--rows",
+                "Dense,FIS-Fast",
+                "--max-seconds",
+                "0",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--out-json",
+                str(out),
+                "--docs",
+                "none",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["status"] == "ok"  # the reference row always runs
     assert rows[1]["status"].startswith("skipped: time budget")
-    assert main(["--tiny", "--rows", "none", "--attention-sweep", "--sweep-compile", "off", "--out-json", str(out),
-                 "--docs", "none"]) == 0
+    assert (
+        main(
+            [
+                "--tiny",
+                "--rows",
+                "none",
+                "--attention-sweep",
+                "--sweep-compile",
+                "off",
+                "--out-json",
+                str(out),
+                "--docs",
+                "none",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["rows"] == [] and report["sweep"]["entries"] and report["attention_backend"]

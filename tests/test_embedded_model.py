@@ -36,9 +36,14 @@ def test_shipped_model_loads_offline_with_its_own_defaults(worker):
     assert worker.info.latent_frames(49) == 13  # enough latent frames for frame sparsity
 
 
-@pytest.mark.parametrize("spec", [shapes.Spec("red", "circle", "right", "quickly", "dark"),
-                                  shapes.Spec("blue", "square", "left", "quickly", "light"),
-                                  shapes.Spec("white", "circle", "up", "quickly", "dark")])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        shapes.Spec("red", "circle", "right", "quickly", "dark"),
+        shapes.Spec("blue", "square", "left", "quickly", "light"),
+        shapes.Spec("white", "circle", "up", "quickly", "dark"),
+    ],
+)
 def test_generated_video_obeys_its_prompt(worker, spec):
     video = _video(worker, spec.prompt())
     assert video.shape == (49, 64, 64, 3)
@@ -69,8 +74,9 @@ def test_patch_vae_is_an_exact_inverse_with_a_full_basis_and_close_with_the_ship
     from engine.loader import EMBEDDED
 
     vae = PatchVAE.from_pretrained(EMBEDDED / "vae")
-    clip = shapes.render(shapes.Spec("purple", "square", "right", "slowly", "textured"), 49, 64,
-                         np.random.default_rng(7), spread=0.3)
+    clip = shapes.render(
+        shapes.Spec("purple", "square", "right", "slowly", "textured"), 49, 64, np.random.default_rng(7), spread=0.3
+    )
     x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
     rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
     assert 10 * torch.log10(4 / ((rec - x) ** 2).mean()) > 30  # dB
@@ -95,6 +101,10 @@ def test_model_folder_defaults_fill_the_request(worker):
 
     own = json.loads((EMBEDDED / DEFAULTS_FILE).read_text())
     req = worker.validate(GenerationRequest(prompt="a red circle moving right quickly on a dark background"))
-    assert (req.height, req.width, req.num_frames, req.guidance) == (own["height"], own["width"], own["num_frames"],
-                                                                      own["guidance"])
+    assert (req.height, req.width, req.num_frames, req.guidance) == (
+        own["height"],
+        own["width"],
+        own["num_frames"],
+        own["guidance"],
+    )
     assert worker.validate(GenerationRequest(prompt="a", guidance=1.0)).guidance == 1.0  # the user's value wins

@@ -10,7 +10,16 @@ from engine import fidelity
 from engine.shapes import COLOURS, DIRECTIONS, parse_prompt
 from fis import FISConfig
 
-SMALL = ["--frames", "21", "--height", "32", "--width", "32", "--steps", "4"]  # 6 latent frames: Fast s=5 fits; 4 steps: FIS-first-step fits
+SMALL = [
+    "--frames",
+    "21",
+    "--height",
+    "32",
+    "--width",
+    "32",
+    "--steps",
+    "4",
+]  # 6 latent frames: Fast s=5 fits; 4 steps: FIS-first-step fits
 
 
 def test_prompt_set_is_deterministic_and_covers_the_grammar():
@@ -39,8 +48,13 @@ def rows(tiny_path):
 
     worker = Worker(WorkerConfig(model=str(tiny_path("t2v"))))
     worker.pipe.set_progress_bar_config(disable=True)
-    configs = [("Dense", None), ("Dense-again", None), ("stride-1", FISConfig(stride=1)),
-               ("FIS-Balanced", FISConfig(stride=3)), ("FIS-fixed", FISConfig(stride=3, interleave=False))]
+    configs = [
+        ("Dense", None),
+        ("Dense-again", None),
+        ("stride-1", FISConfig(stride=1)),
+        ("FIS-Balanced", FISConfig(stride=3)),
+        ("FIS-fixed", FISConfig(stride=3, interleave=False)),
+    ]
     base = fidelity.check(worker, GenerationRequest("x", height=32, width=32, num_frames=21, steps=2), configs)
     return fidelity.evaluate(worker, fidelity.prompt_set(2), [0], base, configs), configs
 
@@ -64,9 +78,11 @@ def test_sparse_configs_are_close_but_not_identical(rows):
 
 
 def test_targets_state_met_missed_and_margin():
-    s = {"Dense": {"adherence_both_pct": 95.0, "psnr_mean": 100.0},
-         "FIS-Balanced": {"adherence_both_pct": 95.0, "psnr_mean": 34.0},
-         "FIS-Balanced-fixed": {"adherence_both_pct": 90.0, "psnr_mean": 30.0}}
+    s = {
+        "Dense": {"adherence_both_pct": 95.0, "psnr_mean": 100.0},
+        "FIS-Balanced": {"adherence_both_pct": 95.0, "psnr_mean": 34.0},
+        "FIS-Balanced-fixed": {"adherence_both_pct": 90.0, "psnr_mean": 30.0},
+    }
     got = [(x["met"], x["margin"]) for x in fidelity.targets(s)]
     assert got[0] == (True, 5.0) and got[1] == (False, -1.0) and got[2] == (True, 0.0)
     assert got[3] == (None, None)  # FIS-Fast: reported only (and absent here)
@@ -92,14 +108,17 @@ def test_cli_end_to_end_two_prompts(tmp_path, tiny_path):
         Image.open(out / png).verify()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompts", "0"], "--prompts must be >= 1"),
-    (["--seeds", "a"], "--seeds must be integers"),
-    (["--prompt-file", "/nonexistent.txt"], "does not exist"),
-    (["--configs", "FIS-Nope"], "unknown configuration"),
-    (["--frames", "20"], "num_frames must be of the form"),
-    (["--frames", "17"], "configuration FIS-Fast: fis stride 5"),  # 5 latent frames: s=5 cannot run
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompts", "0"], "--prompts must be >= 1"),
+        (["--seeds", "a"], "--seeds must be integers"),
+        (["--prompt-file", "/nonexistent.txt"], "does not exist"),
+        (["--configs", "FIS-Nope"], "unknown configuration"),
+        (["--frames", "20"], "num_frames must be of the form"),
+        (["--frames", "17"], "configuration FIS-Fast: fis stride 5"),  # 5 latent frames: s=5 cannot run
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, tiny_path, capsys):
     from launch.eval import main
 

@@ -15,7 +15,7 @@ def test_interleaved_schedule_covers_every_frame_once_per_s_blocks(F, s):
     plan = FISConfig(stride=s, dense_head=2, dense_tail=2).resolve(40, F, 4)
     blocks = plan.sparse_blocks
     for start in range(len(blocks) - s + 1):
-        window = blocks[start:start + s]
+        window = blocks[start : start + s]
         counts = {f: 0 for f in range(1, F - 1)}
         for b in window:
             a = plan.anchors(b, 0)
@@ -120,8 +120,15 @@ def test_resolve_errors(cfg, args, msg):
 
 
 def test_toml_roundtrip(tmp_path):
-    cfg = FISConfig(stride=4, dense_head=2, dense_tail=0, blocks=parse_blocks("2-10,12"), dense_steps=2,
-                    operator="linear", interleave=False)
+    cfg = FISConfig(
+        stride=4,
+        dense_head=2,
+        dense_tail=0,
+        blocks=parse_blocks("2-10,12"),
+        dense_steps=2,
+        operator="linear",
+        interleave=False,
+    )
     p = tmp_path / "my.toml"
     p.write_text(cfg.to_toml())
     assert FISConfig.from_toml(p) == cfg
@@ -159,8 +166,16 @@ def test_fused_reconstruction_matches_eager(operator):
     y_a = torch.randn(B, A * HW, C)
     xin = None if operator == "linear" else x
     ref = _reconstruct_eager(y_a, t, xin)
-    out = fused_reconstruct(y_a.view(B, A, HW, C), None if xin is None else x.view(B, F, HW, C), t.left, t.right,
-                            t.a_left, t.a_right, t.weight, t.is_anchor).reshape(B, F * HW, C)
+    out = fused_reconstruct(
+        y_a.view(B, A, HW, C),
+        None if xin is None else x.view(B, F, HW, C),
+        t.left,
+        t.right,
+        t.a_left,
+        t.a_right,
+        t.weight,
+        t.is_anchor,
+    ).reshape(B, F * HW, C)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(select_frames(out, t.anchors, F), y_a)
 

@@ -26,8 +26,9 @@ def test_fis_counts_anchor_tokens_in_sparse_blocks_only():
     # step 3 is dense, steps 0-2 sparse: blocks 1-4 run on their anchor counts
     expect = dense_fwd
     for _ in range(3):
-        expect += dense_fwd - sum(block_flops(d, f * hw) - block_flops(d, len(plan.anchors(b, 0)) * hw)
-                                  for b in range(1, 5))
+        expect += dense_fwd - sum(
+            block_flops(d, f * hw) - block_flops(d, len(plan.anchors(b, 0)) * hw) for b in range(1, 5)
+        )
     assert generation_flops(d, 33, 128, 128, 4, plan) == pytest.approx(expect)
     assert generation_flops(d, 33, 128, 128, 4, plan, cfg_passes=2) == pytest.approx(2 * expect)
     assert generation_flops(d, 33, 128, 128, 4, skipped_steps={1}) == pytest.approx(3 * dense_fwd)
@@ -54,6 +55,8 @@ def test_hunyuanvideo15_presets_save_flops():
     family = model_family({"num_layers": 54, "num_attention_heads": 16, "attention_head_dim": 128})
     assert family == "hunyuanvideo1.5-8b"
     dense = generation_flops(HUNYUAN_VIDEO_15, 81, 480, 848, 8)
-    got = [generation_flops(HUNYUAN_VIDEO_15, 81, 480, 848, 8, load_fis(p, family).resolve(54, 21, 8)) / UNIT
-           for p in ("balanced", "fast")]
+    got = [
+        generation_flops(HUNYUAN_VIDEO_15, 81, 480, 848, 8, load_fis(p, family).resolve(54, 21, 8)) / UNIT
+        for p in ("balanced", "fast")
+    ]
     assert got[1] < got[0] < dense / UNIT / 2  # paper: 2.33 and 2.06 P (our anchors add the first/last frame)

@@ -16,8 +16,19 @@ def model(tiny_path):
 
 def test_saved_pipeline_generates_an_mp4(model, tmp_path):
     out = tmp_path / "v.mp4"
-    r = run_cli("generate.py", "--model", model, "--prompt", "a red circle moving right", "--fis", "balanced",
-                *SMALL, "--output", out, "--save-latents")
+    r = run_cli(
+        "generate.py",
+        "--model",
+        model,
+        "--prompt",
+        "a red circle moving right",
+        "--fis",
+        "balanced",
+        *SMALL,
+        "--output",
+        out,
+        "--save-latents",
+    )
     assert r.returncode == 0, r.stderr
     from engine.video import read_mp4
 
@@ -34,8 +45,20 @@ def test_saved_pipeline_generates_an_mp4(model, tmp_path):
 def test_default_model_and_overrides(tmp_path):
     """No --model: the embedded (shipped) model; --fis-* overrides apply on top of the preset."""
     out = tmp_path / "d.mp4"
-    r = run_cli("generate.py", "--prompt", "a blue square moving up", *SMALL, "--fis-stride", "2",
-                "--fis-operator", "linear", "--fis-dense-steps", "0", "--output", out)
+    r = run_cli(
+        "generate.py",
+        "--prompt",
+        "a blue square moving up",
+        *SMALL,
+        "--fis-stride",
+        "2",
+        "--fis-operator",
+        "linear",
+        "--fis-dense-steps",
+        "0",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     fis = json.loads(out.with_suffix(".metrics.json").read_text())["fis"]
     assert (fis["stride"], fis["operator"], fis["dense_steps"]) == (2, "linear", 0)
@@ -80,10 +103,14 @@ def test_bad_input_is_one_clear_line(model, tmp_path, args, msg, capsys):
 
 
 def test_bad_input_through_a_real_process(model, tmp_path):
-    r = run_cli("generate.py", "--model", model, "--prompt", "a cat", *SMALL, "--frames", "18",
-                "--output", tmp_path / "x.mp4")
+    r = run_cli(
+        "generate.py", "--model", model, "--prompt", "a cat", *SMALL, "--frames", "18", "--output", tmp_path / "x.mp4"
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "generate: error: num_frames must be of the form 4k+1 (e.g. 17 or 21), got 18"
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == "generate: error: num_frames must be of the form 4k+1 (e.g. 17 or 21), got 18"
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -107,8 +134,15 @@ def test_torchrun_two_processes_match_one(model, tmp_path, shard):
     assert ((sp - one).norm() / one.norm()).item() < 1e-5
     assert json.loads((tmp_path / "sp.metrics.json").read_text())["worker"]["world_size"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["sp.mp4", "sp.metrics.json", "sp.latents.safetensors", "one.mp4", "one.metrics.json",
-         "one.latents.safetensors"])
+        [
+            "sp.mp4",
+            "sp.metrics.json",
+            "sp.latents.safetensors",
+            "one.mp4",
+            "one.metrics.json",
+            "one.latents.safetensors",
+        ]
+    )
 
 
 def test_cfg_parallel_without_guidance_says_so(model, tmp_path):

@@ -14,8 +14,12 @@ def model_and_inputs():
     mask = torch.ones(1, 5, dtype=torch.long)
     mask[:, 4] = 0  # a padded text token, as the pipeline produces
     args = (torch.randn(1, 9, 7, 4, 6), torch.tensor([600.0]), torch.randn(1, 5, 16), mask)
-    kw = dict(encoder_hidden_states_2=torch.randn(1, 3, 8), encoder_attention_mask_2=torch.ones(1, 3, dtype=torch.long),
-              image_embeds=torch.randn(1, 4, 8), return_dict=False)
+    kw = dict(
+        encoder_hidden_states_2=torch.randn(1, 3, 8),
+        encoder_attention_mask_2=torch.ones(1, 3, dtype=torch.long),
+        image_embeds=torch.randn(1, 4, 8),
+        return_dict=False,
+    )
     return m, args, kw
 
 
@@ -28,8 +32,12 @@ def test_stride_one_dense_sparse_and_remove(model_and_inputs):
         state.begin(4)
         assert torch.equal(m(*args, **kw)[0], ref)
         seen = []
-        hooks = [b.attn.register_forward_pre_hook(lambda mod, a, k: seen.append(k["hidden_states"].shape[1]),
-                                                  with_kwargs=True) for b in m.transformer_blocks]
+        hooks = [
+            b.attn.register_forward_pre_hook(
+                lambda mod, a, k: seen.append(k["hidden_states"].shape[1]), with_kwargs=True
+            )
+            for b in m.transformer_blocks
+        ]
         state.begin(4, FISConfig(stride=3, dense_head=1, dense_tail=1))
         out = m(*args, **kw)[0]
         for h in hooks:

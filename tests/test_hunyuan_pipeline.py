@@ -51,13 +51,28 @@ def images(tmp_path_factory):
     whole = _png(d / "whole.png", 40, 80)
     cut = d / "cut.png"
     cut.write_bytes(whole.read_bytes()[:200])  # a valid header, truncated data
-    return {"other": str(_png(d / "other.png", 40, 80)), "exact": str(_png(d / "exact.png", H, W, 1)),
-            "text": str(text), "cut": str(cut), "dir": d}
+    return {
+        "other": str(_png(d / "other.png", 40, 80)),
+        "exact": str(_png(d / "exact.png", H, W, 1)),
+        "text": str(text),
+        "cut": str(cut),
+        "dir": d,
+    }
 
 
 def _run(w, fis=None, guidance=1.0, steps=2, image=None, fit="crop", **kw):
-    req = GenerationRequest(prompt="a red circle moving right", height=H, width=W, num_frames=FRAMES, steps=steps,
-                            guidance=guidance, seed=3, fis=fis, image=image, image_fit=fit)
+    req = GenerationRequest(
+        prompt="a red circle moving right",
+        height=H,
+        width=W,
+        num_frames=FRAMES,
+        steps=steps,
+        guidance=guidance,
+        seed=3,
+        fis=fis,
+        image=image,
+        image_fit=fit,
+    )
     return w.generate(req, decode=False, **kw)
 
 
@@ -68,8 +83,11 @@ class Tokens:
         self.calls, self.forwards, self.handles = [], 0, []  # calls: (block, tokens)
         t = w.transformers[0]
         for b, blk in enumerate(t.transformer_blocks):
-            self.handles.append(blk.attn.register_forward_pre_hook(
-                lambda m, a, k, b=b: self.calls.append((b, k["hidden_states"].shape[1])), with_kwargs=True))
+            self.handles.append(
+                blk.attn.register_forward_pre_hook(
+                    lambda m, a, k, b=b: self.calls.append((b, k["hidden_states"].shape[1])), with_kwargs=True
+                )
+            )
         self.handles.append(t.register_forward_pre_hook(lambda m, a: self._forward()))
 
     def _forward(self):
@@ -84,9 +102,10 @@ def test_tiny_tokenizer_crops_at_the_prompt(workers):
     """The pipeline drops the first crop_start (108) tokens of its chat template: exactly the system turn."""
     pipe = workers["t2v"].pipe
     chat = [[{"role": "system", "content": pipe.system_message}, {"role": "user", "content": "a red cat"}]]
-    ids = pipe.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                             return_dict=True)["input_ids"][0]
-    assert pipe.tokenizer.decode(ids[pipe.prompt_template_encode_start_idx:]).startswith("a red cat<|im_end|>")
+    ids = pipe.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ][0]
+    assert pipe.tokenizer.decode(ids[pipe.prompt_template_encode_start_idx :]).startswith("a red cat<|im_end|>")
 
 
 def test_model_info_family_and_flops(workers):
@@ -97,11 +116,20 @@ def test_model_info_family_and_flops(workers):
 
     w = workers["t2v"]
     i = w.info
-    assert (i.arch, i.patch, i.vae_s, i.vae_t, i.num_blocks, i.family) == ("hunyuanvideo1.5", (1, 1, 1), 16, 4, 6,
-                                                                         "default")
+    assert (i.arch, i.patch, i.vae_s, i.vae_t, i.num_blocks, i.family) == (
+        "hunyuanvideo1.5",
+        (1, 1, 1),
+        16,
+        4,
+        6,
+        "default",
+    )
     assert w.dims().joint and w.dims().num_layers == 6
-    real = {k: p.default for k, p in __import__("inspect").signature(
-        HunyuanVideo15Transformer3DModel.__init__).parameters.items() if k != "self"}
+    real = {
+        k: p.default
+        for k, p in __import__("inspect").signature(HunyuanVideo15Transformer3DModel.__init__).parameters.items()
+        if k != "self"
+    }
     assert model_family(real) == "hunyuanvideo1.5-8b"  # the 8B config picks up its presets
     assert DiTDims.from_hunyuan15_config(real) == HUNYUAN_VIDEO_15
     assert model_family({**real, "num_layers": 40, "num_attention_heads": 40}) == "default"  # not Wan 14B
@@ -163,15 +191,28 @@ def test_i2v_image_fit(workers, images):
     assert _run(w, image=images["exact"], fit="strict")["latents"].shape == crop.shape
     with pytest.raises(UserError, match="is 80x40, not the video size 48x32"):
         _run(w, image=images["other"], fit="strict")
-    frames = w.generate(GenerationRequest(prompt="a cat", height=H, width=W, num_frames=9, steps=1,
-                                          image=images["other"]))["frames"]
+    frames = w.generate(
+        GenerationRequest(prompt="a cat", height=H, width=W, num_frames=9, steps=1, image=images["other"])
+    )["frames"]
     assert frames.shape == (9, H, W, 3)
 
 
 def test_i2v_from_the_command_line(model, images, tmp_path):
     out = tmp_path / "i2v.mp4"
-    r = run_cli("generate.py", "--model", model("i2v"), "--image", images["other"], "--prompt", "a red cat",
-                *SMALL, "--fis", "balanced", "--output", out)
+    r = run_cli(
+        "generate.py",
+        "--model",
+        model("i2v"),
+        "--image",
+        images["other"],
+        "--prompt",
+        "a red cat",
+        *SMALL,
+        "--fis",
+        "balanced",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     from engine.video import read_mp4
 
@@ -209,6 +250,7 @@ def test_bad_image_is_one_clear_line(model, images, tmp_path, capsys, variant, a
 
 # ---- HTTP: the schema, the body limit --------------------------------------------------------------------------
 
+
 def _b64(path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode()
 
@@ -230,8 +272,9 @@ def app(workers):
         req, _ = parse(body, limits)
         return {"id": "video_x", "request": check_for(req, info).to_dict()}
 
-    service = SimpleNamespace(config=SimpleNamespace(serve=SimpleNamespace(max_body_kib=4), limits=limits),
-                              submit=submit)
+    service = SimpleNamespace(
+        config=SimpleNamespace(serve=SimpleNamespace(max_body_kib=4), limits=limits), submit=submit
+    )
     return TestClient(create_app(service))
 
 
@@ -244,8 +287,9 @@ def test_api_image_field(app, images):
     from engine.images import load
 
     assert load(image).size == (80, 40)
-    r = app.post("/v1/videos", json={**body, "image": "data:image/png;base64," + _b64(images["exact"]),
-                                     "image_fit": "strict"})
+    r = app.post(
+        "/v1/videos", json={**body, "image": "data:image/png;base64," + _b64(images["exact"]), "image_fit": "strict"}
+    )
     assert r.status_code == 202, r.text
 
 
@@ -280,6 +324,7 @@ def test_api_bad_image_names_the_field(app, images):
 def test_api_body_limit_holds_without_an_image(app):
     """The image allowance is for the image: other fields still get 413 past serve.max_body_kib (4 KiB here),
     also while a body without Content-Length streams in."""
+
     def chunks():
         yield b'{"prompt": "'
         for _ in range(100):
@@ -303,13 +348,15 @@ def test_api_view_and_metrics_show_a_digest_not_the_data(images):
     from engine.images import embed
     from engine.schema import api_view
 
-    req = GenerationRequest(prompt="a cat", height=H, width=W, num_frames=9,
-                            image=embed(Path(images["other"]).read_bytes()))
+    req = GenerationRequest(
+        prompt="a cat", height=H, width=W, num_frames=9, image=embed(Path(images["other"]).read_bytes())
+    )
     for view in (api_view(req.to_dict())["image"], req.describe()["image"]):
         assert re.fullmatch(r"image/png, \d+ KiB, sha256 [0-9a-f]{16}", view), view
 
 
 # ---- manifests ------------------------------------------------------------------------------------------------
+
 
 def test_manifest_image_paths(model, images, tmp_path):
     import shutil
@@ -332,8 +379,10 @@ def test_manifest_image_paths(model, images, tmp_path):
     manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     items, bad = read_manifest(manifest, "off", {"model": "m"})
     assert [i.id for i in items] == ["ok", "no-image", "strict"]
-    assert {b["line"]: b["reason"] for b in bad} == {2: "image 'refs/none.png' does not exist",
-                                                     3: "image 'refs/notes.png' is not a PNG, JPEG or WebP image"}
+    assert {b["line"]: b["reason"] for b in bad} == {
+        2: "image 'refs/none.png' does not exist",
+        3: "image 'refs/notes.png' is not a PNG, JPEG or WebP image",
+    }
     _png(tmp_path / "refs" / "a.png", 40, 80, seed=5)  # the content is part of the key
     assert read_manifest(manifest, "off", {"model": "m"})[0][0].key != items[0].key
 

@@ -17,8 +17,9 @@ def make_lora(pipe_path, out_dir, seed):
     t.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
     sd = get_peft_model_state_dict(t)
     meta = t.peft_config["default"].to_dict()  # carries lora_alpha, so the loader must scale by alpha/r
-    WanPipeline.save_lora_weights(out_dir, transformer_lora_layers=sd, weight_name="lora.safetensors",
-                                  transformer_lora_adapter_metadata=meta)
+    WanPipeline.save_lora_weights(
+        out_dir, transformer_lora_layers=sd, weight_name="lora.safetensors", transformer_lora_adapter_metadata=meta
+    )
     return out_dir / "lora.safetensors", sd
 
 
@@ -29,8 +30,10 @@ def test_loras_are_fused_into_each_expert(tiny_path, tmp_path):
     lo, lo_sd = make_lora(path, tmp_path / "lo", 2)
     base = Worker(WorkerConfig(model=str(path)))
     w = Worker(WorkerConfig(model=str(path), lora=str(hi), lora_2=str(lo), lora_scale=0.5))
-    for t0, t1, sd in ((base.pipe.transformer, w.pipe.transformer, hi_sd),
-                       (base.pipe.transformer_2, w.pipe.transformer_2, lo_sd)):
+    for t0, t1, sd in (
+        (base.pipe.transformer, w.pipe.transformer, hi_sd),
+        (base.pipe.transformer_2, w.pipe.transformer_2, lo_sd),
+    ):
         key = "blocks.0.attn1.to_q"
         a, b = sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"]
         expect = t0.blocks[0].attn1.to_q.weight + 0.5 * (8 / 4) * b @ a  # W + scale * alpha/r * B A

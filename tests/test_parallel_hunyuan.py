@@ -35,10 +35,18 @@ def _inputs(shape, text: str):
         mask[:, 3:], mask_2[:, 2:] = 0, 0
         mask[1:, 1:] = 0  # the second prompt is shorter
     image = torch.randn(batch, 4, 8, generator=g) * (text == "full")
-    args = (torch.randn(batch, 9, *shape, generator=g), torch.tensor([600.0] * batch),
-            torch.randn(batch, 5, 16, generator=g), mask)
-    return args, {"encoder_hidden_states_2": torch.randn(batch, 3, 8, generator=g),
-                  "encoder_attention_mask_2": mask_2, "image_embeds": image, "return_dict": False}
+    args = (
+        torch.randn(batch, 9, *shape, generator=g),
+        torch.tensor([600.0] * batch),
+        torch.randn(batch, 5, 16, generator=g),
+        mask,
+    )
+    return args, {
+        "encoder_hidden_states_2": torch.randn(batch, 3, 8, generator=g),
+        "encoder_attention_mask_2": mask_2,
+        "image_embeds": image,
+        "return_dict": False,
+    }
 
 
 @torch.no_grad()
@@ -99,11 +107,21 @@ def hunyuan_cfg():
     def generate(state):
         if state is not None:
             state.begin(steps)
-        with PipelineCall(pipe, "hunyuanvideo1.5").on_step_end(state.step_callback if state else lambda *a: {}) as kw, \
-                torch.no_grad():
-            return pipe(prompt="a red circle moving left", negative_prompt="blurry", height=32, width=48,
-                        num_frames=17, num_inference_steps=steps, output_type="latent",
-                        generator=torch.Generator().manual_seed(0), **kw).frames
+        with (
+            PipelineCall(pipe, "hunyuanvideo1.5").on_step_end(state.step_callback if state else lambda *a: {}) as kw,
+            torch.no_grad(),
+        ):
+            return pipe(
+                prompt="a red circle moving left",
+                negative_prompt="blurry",
+                height=32,
+                width=48,
+                num_frames=17,
+                num_inference_steps=steps,
+                output_type="latent",
+                generator=torch.Generator().manual_seed(0),
+                **kw,
+            ).frames
 
     dense = {}
     for guider in ("all", "late"):
@@ -168,7 +186,7 @@ def test_sequence_parallel_equals_single_process(sp_results, world, prefix):
 @pytest.mark.parametrize("world", [2, 4])  # cfg 2 alone; cfg 2 x ulysses 2
 def test_cfg_parallel_equals_serial_cfg(sp_results, world):
     r = sp_results(world, "hunyuan_cfg")
-    tags = [k[len("cfg_"):] for k in r if k.startswith("cfg_")]
+    tags = [k[len("cfg_") :] for k in r if k.startswith("cfg_")]
     assert len(tags) == 8, r
     bad = {k: v for k, v in r.items() if k.startswith(("cfg_", "removed_")) and not v <= TOL}
     assert not bad, f"CFG-parallel != serial CFG: {bad}"
@@ -212,9 +230,12 @@ def test_no_dense_mask_same_output():
     undo()
 
     seen = []
-    hooks = [b.attn.register_forward_pre_hook(lambda mod, a, k: seen.append((k["encoder_hidden_states"].shape[1],
-                                                                             k["attention_mask"])), with_kwargs=True)
-             for b in m.transformer_blocks]
+    hooks = [
+        b.attn.register_forward_pre_hook(
+            lambda mod, a, k: seen.append((k["encoder_hidden_states"].shape[1], k["attention_mask"])), with_kwargs=True
+        )
+        for b in m.transformer_blocks
+    ]
     for fis in (False, True):
         if fis:
             apply_fis(m, FIS).begin(4)

@@ -52,8 +52,25 @@ def profile_dir(tiny_path, tmp_path_factory):
     from launch.profile_fis import main
 
     out = tmp_path_factory.mktemp("prof") / "p"
-    assert main(["run", "--model", str(tiny_path("t2v")), "--prompt", "a red circle moving right",
-                 "--prompt", "a blue square moving up", "--stride", "2", *ARGS, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(tiny_path("t2v")),
+                "--prompt",
+                "a red circle moving right",
+                "--prompt",
+                "a blue square moving up",
+                "--stride",
+                "2",
+                *ARGS,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -97,21 +114,28 @@ def test_calibrated_toml_loads_and_runs(profile_dir, tiny_path, tmp_path, capsys
     assert cfg.blocks and all(errs[b] <= budget for b in cfg.blocks)
     assert "predicted FLOPs" in capsys.readouterr().out
     out = tmp_path / "v.mp4"
-    assert generate(["--model", str(tiny_path("t2v")), "--prompt", "a cat", *ARGS, "--fis", str(toml),
-                     "--output", str(out)]) == 0
+    assert (
+        generate(
+            ["--model", str(tiny_path("t2v")), "--prompt", "a cat", *ARGS, "--fis", str(toml), "--output", str(out)]
+        )
+        == 0
+    )
     assert json.loads(out.with_suffix(".metrics.json").read_text())["fis"]["sparse_blocks"] == list(cfg.blocks)
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["run", "--prompt", "a", "--out", "OUT"], "required: --stride"),
-    (["run", "--stride", "2", "--out", "OUT"], "prompt set is empty"),
-    (["run", "--stride", "2", "--prompt", "  ", "--out", "OUT"], "prompt set is empty"),
-    (["run", "--stride", "2", "--prompts", "/nonexistent.txt", "--out", "OUT"], "does not exist"),
-    (["run", "--stride", "1", "--prompt", "a", "--out", "OUT"], "--stride must be >= 2"),
-    (["run", "--stride", "2", "--prompt", "a", "--out", "FULL"], "not empty (use --overwrite)"),
-    (["run", "--stride", "2", "--prompt", "a", "--model", "OTHER", "--out", "OUT"], "is not supported"),
-    (["calibrate", "--profile", "/nonexistent", "--budget", "0.1", "--out", "x.toml"], "no profile"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["run", "--prompt", "a", "--out", "OUT"], "required: --stride"),
+        (["run", "--stride", "2", "--out", "OUT"], "prompt set is empty"),
+        (["run", "--stride", "2", "--prompt", "  ", "--out", "OUT"], "prompt set is empty"),
+        (["run", "--stride", "2", "--prompts", "/nonexistent.txt", "--out", "OUT"], "does not exist"),
+        (["run", "--stride", "1", "--prompt", "a", "--out", "OUT"], "--stride must be >= 2"),
+        (["run", "--stride", "2", "--prompt", "a", "--out", "FULL"], "not empty (use --overwrite)"),
+        (["run", "--stride", "2", "--prompt", "a", "--model", "OTHER", "--out", "OUT"], "is not supported"),
+        (["calibrate", "--profile", "/nonexistent", "--budget", "0.1", "--out", "x.toml"], "no profile"),
+    ],
+)
 def test_bad_input(args, msg, tmp_path, capsys, other_pipeline):
     from launch.profile_fis import main
 
@@ -131,8 +155,16 @@ def other_pipeline(tmp_path_factory):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     path = tmp_path_factory.mktemp("ddpm")
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 8),
-                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+    )
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
     return path
 

@@ -15,13 +15,24 @@ from engine.worker import WorkerConfig
 
 LINES = [
     {"prompt": "a red ball moving left", "size": "32x32", "num_frames": 17, "num_inference_steps": 2, "seed": 1},
-    {"prompt": "a blue square moving up", "size": "32x32", "num_frames": 17, "num_inference_steps": 2,
-     "fis": "balanced", "id": "blue-square"},
+    {
+        "prompt": "a blue square moving up",
+        "size": "32x32",
+        "num_frames": 17,
+        "num_inference_steps": 2,
+        "fis": "balanced",
+        "id": "blue-square",
+    },
     {"prompt": "a cat", "size": "32x32", "num_frames": 18},  # not 4k+1: known only once the model is loaded
     {"prompt": "a dog running", "size": "32x32", "num_frames": 9, "num_inference_steps": 2},
     {"prompt": "a green tree", "height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 1, "seed": 7},
-    {"prompt": "a car driving at night", "size": "32x32", "num_frames": 17, "num_inference_steps": 2,
-     "fis": {"stride": 2}},
+    {
+        "prompt": "a car driving at night",
+        "size": "32x32",
+        "num_frames": 17,
+        "num_inference_steps": 2,
+        "fis": {"stride": 2},
+    },
 ]
 FRAMES = {n: line["num_frames"] for n, line in enumerate(LINES, 1) if n != 3}
 
@@ -32,19 +43,22 @@ def _write(path, lines):
 
 
 def test_bad_lines_are_reported_with_their_line_numbers(tmp_path):
-    manifest = _write(tmp_path / "m.jsonl", [
-        {"prompt": "a", "id": "same"},
-        "not json",
-        '["a list"]',
-        "",
-        {"prompt": "x", "id": "../../etc/passwd"},
-        {"prompt": "x", "fis": "../../etc/passwd.toml"},
-        {"prompt": "x", "height": -1},
-        {"prompt": "x", "colour": "red"},
-        {"prompt": "b", "id": "same"},
-        {"prompt": "c"},
-        {"prompt": "c"},
-    ])
+    manifest = _write(
+        tmp_path / "m.jsonl",
+        [
+            {"prompt": "a", "id": "same"},
+            "not json",
+            '["a list"]',
+            "",
+            {"prompt": "x", "id": "../../etc/passwd"},
+            {"prompt": "x", "fis": "../../etc/passwd.toml"},
+            {"prompt": "x", "height": -1},
+            {"prompt": "x", "colour": "red"},
+            {"prompt": "b", "id": "same"},
+            {"prompt": "c"},
+            {"prompt": "c"},
+        ],
+    )
     items, bad = read_manifest(manifest, "off", {"model": "m"})
     assert [(i.line, i.id) for i in items[:1]] == [(1, "same")] and [i.line for i in items] == [1, 10]
     assert len(items[1].id) == 16 and items[1].id == read_manifest(manifest, "off", {"model": "m"})[0][1].id

@@ -78,16 +78,26 @@ class Client:
 
 
 def test_config_file_and_overrides(tmp_path, capsys):
-    c = load_config(DEFAULT_CONFIG, ["serve.queue_size=3", "parallel.ulysses=2", "model.model=/models/wan",
-                                     "limits.max_steps=8", f"serve.output_dir={tmp_path / 'o'}"])
+    c = load_config(
+        DEFAULT_CONFIG,
+        [
+            "serve.queue_size=3",
+            "parallel.ulysses=2",
+            "model.model=/models/wan",
+            "limits.max_steps=8",
+            f"serve.output_dir={tmp_path / 'o'}",
+        ],
+    )
     assert (c.serve.queue_size, c.model.ulysses, c.model.model, c.limits.max_steps) == (3, 2, "/models/wan", 8)
     assert c.model.lora is None and c.serve.output_dir == str(tmp_path / "o")  # "" -> None; absolute
-    for overrides, words in [(["serve.queue_size=lots"], "serve.queue_size must be an integer"),
-                             (["serve.colour=red"], "unknown setting serve.colour"),
-                             (["model.ulysses=2"], "unknown setting model.ulysses"),
-                             (["parallel.ring=0"], "parallel.ring must be an integer >= 1"),
-                             (["serve.fis=turbo"], "serve.fis must be one of"),
-                             (["queue_size=3"], "section.key=value")]:
+    for overrides, words in [
+        (["serve.queue_size=lots"], "serve.queue_size must be an integer"),
+        (["serve.colour=red"], "unknown setting serve.colour"),
+        (["model.ulysses=2"], "unknown setting model.ulysses"),
+        (["parallel.ring=0"], "parallel.ring must be an integer >= 1"),
+        (["serve.fis=turbo"], "serve.fis must be one of"),
+        (["queue_size=3"], "section.key=value"),
+    ]:
         with pytest.raises(UserError, match=words):
             load_config(DEFAULT_CONFIG, overrides)
     from launch.serve import main
@@ -99,11 +109,18 @@ def test_config_file_and_overrides(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def config(tiny_path, tmp_path_factory):
-    return load_config(DEFAULT_CONFIG, [
-        f"model.model={tiny_path('t2v')}", "model.device=cpu", "parallel.ulysses=2",
-        f"serve.output_dir={tmp_path_factory.mktemp('serve')}", f"serve.queue_size={QUEUE}", "serve.job_lease_s=4",
-        "limits.max_steps=1000",
-    ])
+    return load_config(
+        DEFAULT_CONFIG,
+        [
+            f"model.model={tiny_path('t2v')}",
+            "model.device=cpu",
+            "parallel.ulysses=2",
+            f"serve.output_dir={tmp_path_factory.mktemp('serve')}",
+            f"serve.queue_size={QUEUE}",
+            "serve.job_lease_s=4",
+            "limits.max_steps=1000",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -165,18 +182,46 @@ BAD = [  # (id, method, path, request kwargs, status, param, words in the messag
     ("size-words", "POST", "/v1/videos", {"json": {**P, "size": "huge"}}, 422, "size", "WIDTHxHEIGHT"),
     ("size-huge", "POST", "/v1/videos", {"json": {**P, "size": "99999x99999"}}, 422, "size", "between"),
     ("size-and-height", "POST", "/v1/videos", {"json": {**P, "size": "32x32", "height": 32}}, 422, "size", "not both"),
-    ("steps-zero", "POST", "/v1/videos", {"json": {**P, "num_inference_steps": 0}}, 422, "num_inference_steps",
-     "between"),
-    ("steps-bool", "POST", "/v1/videos", {"json": {**P, "num_inference_steps": True}}, 422, "num_inference_steps",
-     "integer"),
+    (
+        "steps-zero",
+        "POST",
+        "/v1/videos",
+        {"json": {**P, "num_inference_steps": 0}},
+        422,
+        "num_inference_steps",
+        "between",
+    ),
+    (
+        "steps-bool",
+        "POST",
+        "/v1/videos",
+        {"json": {**P, "num_inference_steps": True}},
+        422,
+        "num_inference_steps",
+        "integer",
+    ),
     ("guidance-str", "POST", "/v1/videos", {"json": {**P, "guidance_scale": "high"}}, 422, "guidance_scale", "number"),
     ("seed-neg", "POST", "/v1/videos", {"json": {**P, "seed": -1}}, 422, "seed", "between"),
     ("fis-unknown", "POST", "/v1/videos", {"json": {**P, "fis": "turbo"}}, 422, "fis.preset", "unknown FIS preset"),
     ("fis-path", "POST", "/v1/videos", {"json": {**P, "fis": "../../etc/passwd"}}, 422, "fis.preset", "unknown FIS"),
-    ("fis-setting-path", "POST", "/v1/videos", {"json": {**P, "fis": {"file": "/etc/passwd"}}}, 422, "fis.file",
-     "unknown fis setting"),
-    ("fis-stride", "POST", "/v1/videos", {"json": {**P, **SMALL, "fis": {"stride": 9}}}, 422, "fis",
-     "smaller than the number of latent frames"),
+    (
+        "fis-setting-path",
+        "POST",
+        "/v1/videos",
+        {"json": {**P, "fis": {"file": "/etc/passwd"}}},
+        422,
+        "fis.file",
+        "unknown fis setting",
+    ),
+    (
+        "fis-stride",
+        "POST",
+        "/v1/videos",
+        {"json": {**P, **SMALL, "fis": {"stride": 9}}},
+        422,
+        "fis",
+        "smaller than the number of latent frames",
+    ),
     ("id-path", "POST", "/v1/videos", {"json": {**P, "id": "../../etc/passwd"}}, 422, "id", "unknown field"),
     ("unknown-field", "POST", "/v1/videos", {"json": {**P, "model": "other"}}, 422, "model", "unknown field"),
     ("body-too-large", "POST", "/v1/videos", {"json": {"prompt": "x" * 100_000}}, 413, None, "limit"),
@@ -306,4 +351,3 @@ def test_restart_keeps_jobs(client):
     serve.delete("fis")
     j = client.store.get(last)
     assert j["status"] == "failed" and j["error"].startswith("interrupted"), j
-

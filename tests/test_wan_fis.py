@@ -34,8 +34,17 @@ def worker(tiny_path, tmp_path_factory):
 
 
 def latents(w, fis, guidance=1.0, steps=4):
-    req = GenerationRequest(prompt="a red circle moving right", height=H, width=W, num_frames=FRAMES, steps=steps,
-                            guidance=guidance, seed=3, fis=fis, image=w.image)
+    req = GenerationRequest(
+        prompt="a red circle moving right",
+        height=H,
+        width=W,
+        num_frames=FRAMES,
+        steps=steps,
+        guidance=guidance,
+        seed=3,
+        fis=fis,
+        image=w.image,
+    )
     return w.generate(req, decode=False)["latents"]
 
 
@@ -47,8 +56,11 @@ class TokenCounter:
         self.handles = []
         for e, t in enumerate(worker.transformers):
             for b, block in enumerate(t.blocks):
-                self.handles.append(block.attn1.register_forward_pre_hook(
-                    lambda m, args, e=e, b=b: self.calls[(e, b)].append(args[0].shape[1])))
+                self.handles.append(
+                    block.attn1.register_forward_pre_hook(
+                        lambda m, args, e=e, b=b: self.calls[(e, b)].append(args[0].shape[1])
+                    )
+                )
 
     def close(self):
         for h in self.handles:
@@ -117,9 +129,18 @@ def test_remove_restores_the_dense_model_exactly():
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                              out_channels=4, text_dim=8, freq_dim=16, ffn_dim=16, num_layers=4,
-                              rope_max_seq_len=32).eval()
+    m = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=8,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=4,
+        rope_max_seq_len=32,
+    ).eval()
     x, t, e = torch.randn(1, 4, 7, 8, 8), torch.tensor([700]), torch.randn(1, 5, 8)
     with torch.no_grad():
         ref = m(x, t, e, return_dict=False)[0]
