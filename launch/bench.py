@@ -55,7 +55,7 @@ def parser() -> Parser:
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
-    from engine.bench_report import append_docs, console_table
+    from engine.bench.report import append_docs, console_table
 
     if a.append_docs:
         try:
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         print(f"appended to {append_docs(report, a.docs, a.append_docs)}")
         return 0
 
-    from engine.bench import BenchError, Options, run
+    from engine.bench.run import BenchError, Options, run
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
     res = "tiny" if a.tiny else a.resolution

@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from engine.archs import default_dtype, model_dtype
-from engine.bench import StepTimer, fidelity
-from engine.fis_hooks import apply_fis, remove_fis
-from engine.presets import load_fis
-from engine.video import write_json
+from engine.bench.run import StepTimer, fidelity
+from engine.hooks.fis import apply_fis, remove_fis
+from engine.models.random import default_dtype, model_dtype
+from engine.runtime.io import write_json
+from engine.runtime.presets import load_fis
 from fis.flops import HUNYUAN_VIDEO_15, UNIT, DiTDims, generation_flops
 from parallel.joint import drop_text_padding
 

@@ -4,7 +4,7 @@
     python launch/eval.py --model PIPELINE --prompts 24 --seeds 0,1 --steps 4 --frames 49 --height 64 --width 64 --out eval/
 
 Writes eval.json (every sample, summary, targets, command, versions), eval.md (table + targets met/missed)
-and eval_psnr.png / eval_frame_psnr.png. Configurations: engine/fidelity.py CONFIGS (one line each).
+and eval_psnr.png / eval_frame_psnr.png. Configurations: engine/evaluation/fidelity.py CONFIGS (one line each).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from engine.cli import Parser, fail, quiet_libraries
+from launch.common import Parser, fail, quiet_libraries
 
 
 def parser() -> Parser:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parser().parse_args(argv)
     quiet_libraries()
-    from engine.request import UserError
+    from engine.runtime.request import UserError
 
     try:
         return run(a, shlex.join(["python", "launch/eval.py", *argv]))
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
 
 
 def inputs(a):
-    from engine.fidelity import prompt_set
-    from engine.request import UserError
+    from engine.evaluation.fidelity import prompt_set
+    from engine.runtime.request import UserError
     from parallel import world_size_from_env
 
     if world_size_from_env() > 1:
@@ -93,10 +93,10 @@ def run(a, command: str) -> int:
     prompts, seeds, out = inputs(a)
     from tqdm import tqdm
 
-    from engine import fidelity, fidelity_report
-    from engine.request import GenerationRequest
-    from engine.video import write_json
-    from engine.worker import Worker, WorkerConfig
+    from engine.evaluation import fidelity, fidelity_report
+    from engine.runtime.io import write_json
+    from engine.runtime.request import GenerationRequest
+    from engine.runtime.worker import Worker, WorkerConfig
 
     worker = Worker(WorkerConfig(model=a.model, device=a.device, dtype=a.dtype, scheduler=a.scheduler, shift=a.shift))
     worker.pipe.set_progress_bar_config(disable=True)  # one bar: ours, over the generations

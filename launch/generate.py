@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from engine.cli import (
+from launch.common import (
     Parser,
     add_model_args,
     add_request_args,
@@ -35,17 +35,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     quiet_libraries()
-    from engine.request import UserError
+    from engine.runtime.request import UserError
 
     try:
         out = check_output(a.output)
         if not a.prompt.strip():
             raise UserError("prompt must be a non-empty string")
         if a.image:  # a missing or unreadable image fails before the model loads
-            from engine.images import load
+            from engine.runtime.images import load
 
             load(a.image)
-        from engine.worker import Worker
+        from engine.runtime.worker import Worker
 
         worker = Worker(worker_config(a))
         req = worker.validate(request(a, worker.info.family))  # every check before any work
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     if not worker.ctx.is_main:  # rank 0 writes; the others are done
         destroy_parallel()
         return 0
-    from engine.video import save_latents, write_json, write_mp4
+    from engine.runtime.io import save_latents, write_json, write_mp4
 
     write_mp4(result["frames"], out, fps=a.fps)
     metrics = {**result["metrics"], "output": str(out), "command": " ".join(sys.argv)}

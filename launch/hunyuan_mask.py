@@ -26,7 +26,7 @@ import diffusers.models.transformers.transformer_hunyuan_video15 as hv15
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.video import write_json
+from engine.runtime.io import write_json
 from parallel.joint import JointAttention
 
 BACKENDS = {

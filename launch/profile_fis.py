@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.cli import Parser, add_model_args, fail, quiet_libraries, worker_config
+from launch.common import Parser, add_model_args, fail, quiet_libraries, worker_config
 
 
 def main(argv=None) -> int:
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     c.add_argument("--out", required=True, help="the FIS preset .toml to write")
     a = p.parse_args(argv)
     quiet_libraries()
-    from engine.request import UserError
+    from engine.runtime.request import UserError
 
     try:
         return run(a) if a.cmd == "run" else calibrate(a)
@@ -52,10 +52,10 @@ def main(argv=None) -> int:
 
 
 def run(a) -> int:
-    from engine.plots import report
-    from engine.profiler import OPERATORS, block_error, profile
-    from engine.request import GenerationRequest, UserError
-    from engine.video import write_json
+    from engine.evaluation.probe import OPERATORS, block_error, profile
+    from engine.evaluation.probe_report import report
+    from engine.runtime.io import write_json
+    from engine.runtime.request import GenerationRequest, UserError
 
     prompts = [x for x in a.prompt if x.strip()]
     if a.prompts:
@@ -70,7 +70,7 @@ def run(a) -> int:
     out = Path(a.out)
     if out.exists() and any(out.iterdir()) and not a.overwrite:
         raise UserError(f"output directory {a.out!r} exists and is not empty (use --overwrite)")
-    from engine.worker import Worker
+    from engine.runtime.worker import Worker
 
     try:
         worker = Worker(worker_config(a))
@@ -100,9 +100,9 @@ def run(a) -> int:
 
 
 def calibrate(a) -> int:
-    from engine.presets import load_fis
-    from engine.profiler import block_error
-    from engine.request import UserError
+    from engine.evaluation.probe import block_error
+    from engine.runtime.presets import load_fis
+    from engine.runtime.request import UserError
     from fis import UNIT, DiTDims, generation_flops
     from fis.analysis import calibrate as choose
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from engine.cli import Parser, add_model_args, fail, quiet_libraries, worker_config
+from launch.common import Parser, add_model_args, fail, quiet_libraries, worker_config
 
 
 def main(argv=None) -> int:
@@ -41,10 +41,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     quiet_libraries()
-    from engine.group import GroupFailed, ranks_of
-    from engine.render import Batch, render_local
-    from engine.request import UserError
-    from engine.schema import FIS_NAMES
+    from engine.runtime.request import UserError
+    from engine.serving.batch import Batch, render_local
+    from engine.serving.executor import GroupFailed, ranks_of
+    from engine.serving.schema import FIS_NAMES
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
     cfg = dataclasses.replace(worker_config(a), ulysses=1 if a.ulysses is None else a.ulysses)
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         if not batch.pending:
             backend, groups = "none", 0  # nothing to render: no model is loaded
         elif a.ray or a.address:
-            from engine.ray_group import render_on_ray
+            from engine.serving.ray_executor import render_on_ray
 
             backend, groups = "ray", render_on_ray(batch, cfg, a.groups, a.address)
         else:

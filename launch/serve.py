@@ -16,14 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from engine.cli import Parser, fail
-from engine.request import UserError
-from engine.service import DEFAULT_CONFIG, load_config
+from engine.runtime.request import UserError
+from engine.serving.service import DEFAULT_CONFIG, load_config
+from launch.common import Parser, fail
 
 
 def build(args: dict):
     """`serve run` application builder: config=PATH plus section.key=value arguments."""
-    from engine.ray_group import serve_app
+    from engine.serving.ray_executor import serve_app
 
     args = dict(args)
     path = args.pop("config", DEFAULT_CONFIG)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from engine.ray_group import serve_app
+    from engine.serving.ray_executor import serve_app
 
     ray.init(address=a.address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

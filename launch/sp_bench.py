@@ -21,13 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import torch
 
-from engine.archs import MODELS, TINY_VIDEO
-from engine.attention_backend import set_attention_backend
-from engine.bench import build_setup, denoise, fidelity
-from engine.compile import compile_blocks
-from engine.fis_hooks import apply_fis, remove_fis
-from engine.presets import load_fis, model_family
-from engine.video import write_json
+from engine.bench.run import build_setup, denoise, fidelity
+from engine.hooks.attention_backend import set_attention_backend
+from engine.hooks.compile import compile_blocks
+from engine.hooks.fis import apply_fis, remove_fis
+from engine.models.random import MODELS, TINY_VIDEO
+from engine.runtime.io import write_json
+from engine.runtime.presets import load_fis, model_family
 from parallel import (
     Degrees,
     ParallelContext,
@@ -78,7 +78,7 @@ def setup_for(base, spec, frames: int, height: int, width: int, o):
 
 
 class Attached:
-    """FIS first, then sequence parallelism; taken off in reverse (parallel/pipeline.py explains why)."""
+    """FIS first, then sequence parallelism; taken off in reverse (parallel/parallelize.py explains why)."""
 
     def __init__(self, s, ctx, fis, shard: str, attention: str, backend):
         self.s, self.state, self.handles = s, None, []

@@ -36,9 +36,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from engine.loader import pick_device
-    from engine.request import UserError
-    from engine.shapes_train import TrainConfig, check_adherence, save, train
+    from engine.runtime.loader import pick_device
+    from engine.runtime.request import UserError
+    from engine.testbed.train import TrainConfig, check_adherence, save, train
 
     try:
         dev = pick_device(a.device)

@@ -12,7 +12,7 @@ from .context import ParallelContext, destroy_parallel, init_parallel, world_siz
 from .degrees import AXES, Degrees
 from .joint import drop_text_padding
 from .layout import MODES, TokenLayout
-from .pipeline import ParallelHandle, parallelize_pipeline, parallelize_transformer
+from .parallelize import ParallelHandle, parallelize_pipeline, parallelize_transformer
 
 __all__ = [
     "AXES",

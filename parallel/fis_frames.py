@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.fis_hooks import FISBlockHook, slice_frames
+from engine.hooks.fis import FISBlockHook, slice_frames
 from fis.reconstruct import FrameTables, reconstruct, select_frames
 
 from .layout import all_gather_varlen

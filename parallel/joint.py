@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from engine.fis_hooks import BlockArgs
+from engine.hooks.fis import BlockArgs
 
 from .layout import TokenLayout, all_gather_varlen
 

@@ -23,9 +23,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models._modeling_parallel import ParallelConfig
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-from engine.adapters import adapter_for
-from engine.attention_backend import set_attention_backend
-from engine.fis_hooks import BLOCK_HOOK, BlockArgs, FISBlockHook
+from engine.hooks.attention_backend import set_attention_backend
+from engine.hooks.fis import BLOCK_HOOK, BlockArgs, FISBlockHook
+from engine.models.spec import adapter_for
 
 from .context import ParallelContext
 from .fis_frames import FrameShardFISHook

@@ -20,7 +20,7 @@ def _offline_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_path():
     """Saved tiny pipeline folders, built once per variant per session."""
-    from engine.tiny import ensure_tiny
+    from engine.testbed.tiny_wan import ensure_tiny
 
     return lambda variant="t2v": ensure_tiny(variant)
 

@@ -108,8 +108,8 @@ def attention_slices():
 
 def transformer_sp(heads=2):
     """Transformer forward: dense and FIS (both operators), both layouts, even and uneven token counts."""
-    from engine.fis_hooks import apply_fis, remove_fis
-    from engine.tiny import build_pipeline
+    from engine.hooks.fis import apply_fis, remove_fis
+    from engine.testbed.tiny_wan import build_pipeline
     from parallel import parallelize_transformer
 
     ctx = _ctx(ulysses=dist.get_world_size())
@@ -160,8 +160,8 @@ def transformer_sp_4heads():
 
 def pipeline_sp(variant="ti2v"):
     """Whole pipeline (scheduler, per-token timesteps for TI2V, both experts for A14B), FIS with a dense last step."""
-    from engine.fis_hooks import apply_fis, remove_fis
-    from engine.tiny import build_pipeline
+    from engine.hooks.fis import apply_fis, remove_fis
+    from engine.testbed.tiny_wan import build_pipeline
     from parallel import parallelize_pipeline
 
     ctx = _ctx(ulysses=dist.get_world_size())
@@ -201,8 +201,8 @@ def pipeline_sp_a14b():
 def cfg_parallel():
     """guidance > 1 with a cfg degree 2 (x the rest as ulysses) equals serial CFG on one process, and each rank
     runs the transformer once per step instead of twice."""
-    from engine.fis_hooks import apply_fis, remove_fis
-    from engine.tiny import build_pipeline
+    from engine.hooks.fis import apply_fis, remove_fis
+    from engine.testbed.tiny_wan import build_pipeline
     from parallel import parallelize_pipeline
 
     world = dist.get_world_size()
@@ -237,7 +237,7 @@ def cfg_parallel():
 
 def bad_heads():
     """ulysses 4 on a 2-head model: a clear ValueError before anything is attached."""
-    from engine.tiny import build_pipeline
+    from engine.testbed.tiny_wan import build_pipeline
     from parallel import parallelize_pipeline
 
     ctx = _ctx(ulysses=dist.get_world_size())

@@ -1,10 +1,10 @@
-"""engine.attention_backend: the backend lands on the model's layers, not on the process."""
+"""engine.hooks.attention_backend: the backend lands on the model's layers, not on the process."""
 
 import pytest
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from parallel_worker import _bare_transformer
 
-from engine.attention_backend import set_attention_backend
+from engine.hooks.attention_backend import set_attention_backend
 
 
 def _processors(module):

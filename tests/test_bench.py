@@ -4,10 +4,10 @@ import json
 import math
 
 import pytest
-
 from conftest import run_cli
-from engine.bench import ABLATION_ROWS, MAIN_ROWS, ROWS
-from engine.bench_report import append_docs
+
+from engine.bench.report import append_docs
+from engine.bench.run import ABLATION_ROWS, MAIN_ROWS, ROWS
 from launch.bench import main
 
 
@@ -113,8 +113,8 @@ def test_a_failing_row_reports_oom_and_leaves_the_models_clean(monkeypatch):
     import torch
     from diffusers.hooks import HookRegistry
 
-    from engine import bench as B
-    from engine.fis_hooks import MODEL_HOOK
+    from engine.bench import run as B
+    from engine.hooks.fis import MODEL_HOOK
 
     s = B.build_setup(B.MODELS["wan2.2-a14b"].tiny(), torch.device("cpu"), *B.TINY_VIDEO, 4, 0)
     dense = B.measure_row(s, B.ROWS["Dense"], 0, 1, None)

@@ -7,27 +7,27 @@ import pytest
 import torch
 from conftest import run_cli
 
-from engine import shapes
-from engine.patch_vae import PatchVAE
-from engine.video_metrics import psnr
+from engine.evaluation.video_metrics import psnr
+from engine.models.patch_vae import PatchVAE
+from engine.testbed import shapes_data as shapes
 
 
 @pytest.fixture(scope="module")
 def worker():
-    from engine.worker import Worker, WorkerConfig
+    from engine.runtime.worker import Worker, WorkerConfig
 
     return Worker(WorkerConfig(model=None))
 
 
 def _video(worker, prompt, fis=None, seed=0):
-    from engine.request import GenerationRequest
+    from engine.runtime.request import GenerationRequest
 
     out = worker.generate(GenerationRequest(prompt=prompt, seed=seed, fis=fis))
     return (np.clip(out["frames"], 0, 1) * 255).round().astype(np.uint8)  # [F, H, W, 3]
 
 
 def test_shipped_model_loads_offline_with_its_own_defaults(worker):
-    from engine.loader import EMBEDDED
+    from engine.runtime.loader import EMBEDDED
 
     assert (EMBEDDED / "model_index.json").is_file()
     size = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file())
@@ -54,7 +54,7 @@ def test_generated_video_obeys_its_prompt(worker, spec):
 def test_fis_balanced_keeps_the_prompt_on_trained_weights(worker):
     """FIS runs sparse blocks on the shipped weights and the video still obeys its prompt. Its distance to the
     dense video is the eval's job (docs/eval: on this small model the sample drifts, about 18 dB)."""
-    from engine.presets import load_fis
+    from engine.runtime.presets import load_fis
 
     spec = shapes.Spec("red", "circle", "right", "quickly", "dark")
     dense = _video(worker, spec.prompt())
@@ -71,7 +71,7 @@ def test_patch_vae_is_an_exact_inverse_with_a_full_basis_and_close_with_the_ship
     z = full.encode(x).latent_dist.mode()
     assert z.shape == (1, 192, 3, 4, 4)
     assert torch.allclose(full.decode(z).sample, x, atol=1e-6)
-    from engine.loader import EMBEDDED
+    from engine.runtime.loader import EMBEDDED
 
     vae = PatchVAE.from_pretrained(EMBEDDED / "vae")
     clip = shapes.render(
@@ -88,7 +88,7 @@ def test_training_script_runs_and_its_output_loads(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "training.json").read_text())
     assert report["config"]["done"]["dit_steps"] == 3 and report["pca_variance_kept"] > 0.5
-    from engine.loader import load_pipeline
+    from engine.runtime.loader import load_pipeline
 
     pipe = load_pipeline(str(out), torch.device("cpu"), torch.float32)
     assert type(pipe.vae).__name__ == "PatchVAE"
@@ -96,8 +96,8 @@ def test_training_script_runs_and_its_output_loads(tmp_path):
 
 def test_model_folder_defaults_fill_the_request(worker):
     """engine_defaults.json next to the weights: size, frames and guidance the model was made for."""
-    from engine.loader import DEFAULTS_FILE, EMBEDDED
-    from engine.request import GenerationRequest
+    from engine.runtime.loader import DEFAULTS_FILE, EMBEDDED
+    from engine.runtime.request import GenerationRequest
 
     own = json.loads((EMBEDDED / DEFAULTS_FILE).read_text())
     req = worker.validate(GenerationRequest(prompt="a red circle moving right quickly on a dark background"))

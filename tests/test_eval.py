@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from engine import fidelity
-from engine.shapes import COLOURS, DIRECTIONS, parse_prompt
+from engine.evaluation import fidelity
+from engine.testbed.shapes_data import COLOURS, DIRECTIONS, parse_prompt
 from fis import FISConfig
 
 SMALL = [
@@ -43,8 +43,8 @@ def test_configurations_are_data():
 
 @pytest.fixture(scope="module")
 def rows(tiny_path):
-    from engine.request import GenerationRequest
-    from engine.worker import Worker, WorkerConfig
+    from engine.runtime.request import GenerationRequest
+    from engine.runtime.worker import Worker, WorkerConfig
 
     worker = Worker(WorkerConfig(model=str(tiny_path("t2v"))))
     worker.pipe.set_progress_bar_config(disable=True)

@@ -141,7 +141,7 @@ def test_toml_roundtrip(tmp_path):
 
 
 def test_presets_load_for_every_family():
-    from engine.presets import PRESET_DIR, load_fis
+    from engine.runtime.presets import PRESET_DIR, load_fis
 
     for family in ("wan-14b", "wan-5b", "wan-1.3b", "hunyuanvideo1.5-8b", "default"):
         assert load_fis("balanced", family).stride == 3

@@ -50,7 +50,7 @@ def test_hunyuanvideo15_dense_matches_paper():
 
 
 def test_hunyuanvideo15_presets_save_flops():
-    from engine.presets import load_fis, model_family
+    from engine.runtime.presets import load_fis, model_family
 
     family = model_family({"num_layers": 54, "num_attention_heads": 16, "attention_head_dim": 128})
     assert family == "hunyuanvideo1.5-8b"

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import run_cli
 
 SMALL = ["--height", "32", "--width", "32", "--frames", "17", "--steps", "2"]
@@ -30,7 +29,7 @@ def test_saved_pipeline_generates_an_mp4(model, tmp_path):
         "--save-latents",
     )
     assert r.returncode == 0, r.stderr
-    from engine.video import read_mp4
+    from engine.runtime.io import read_mp4
 
     frames = read_mp4(out)
     assert frames.shape == (17, 32, 32, 3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_hunyuan_transformer
 
-from engine.fis_hooks import apply_fis, remove_fis
+from engine.hooks.fis import apply_fis, remove_fis
 from fis import FISConfig
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from engine.request import GenerationRequest, UserError
-from engine.worker import Cancelled, Worker, WorkerConfig
+from engine.runtime.request import GenerationRequest, UserError
+from engine.runtime.worker import Cancelled, Worker, WorkerConfig
 from fis import FISConfig
 
 H, W, FRAMES = 32, 48, 25  # latent 2x3 tokens per frame (VAE x16, patch 1), 7 latent frames
@@ -26,7 +26,7 @@ SPARSE = FISConfig(stride=3, dense_head=1, dense_tail=1, dense_steps=1)
 
 @pytest.fixture(scope="module")
 def model():
-    from engine.tiny_hunyuan import ensure_tiny_hunyuan
+    from engine.testbed.tiny_hunyuan import ensure_tiny_hunyuan
 
     return lambda variant: str(ensure_tiny_hunyuan(variant))
 
@@ -111,7 +111,7 @@ def test_tiny_tokenizer_crops_at_the_prompt(workers):
 def test_model_info_family_and_flops(workers):
     from diffusers import HunyuanVideo15Transformer3DModel
 
-    from engine.presets import model_family
+    from engine.runtime.presets import model_family
     from fis.flops import HUNYUAN_VIDEO_15, DiTDims
 
     w = workers["t2v"]
@@ -214,7 +214,7 @@ def test_i2v_from_the_command_line(model, images, tmp_path):
         out,
     )
     assert r.returncode == 0, r.stderr
-    from engine.video import read_mp4
+    from engine.runtime.io import read_mp4
 
     assert read_mp4(out).shape == (17, H, W, 3)
     m = json.loads(out.with_suffix(".metrics.json").read_text())
@@ -262,8 +262,8 @@ def app(workers):
 
     from fastapi.testclient import TestClient
 
-    from engine.api import create_app
-    from engine.schema import Limits, check_for, parse
+    from engine.serving.api import create_app
+    from engine.serving.schema import Limits, check_for, parse
 
     limits = Limits(max_image_kib=64)
     info = workers["i2v"].info
@@ -284,7 +284,7 @@ def test_api_image_field(app, images):
     assert r.status_code == 202, r.text
     image = r.json()["request"]["image"]
     assert image.startswith("data:image/png;base64,")
-    from engine.images import load
+    from engine.runtime.images import load
 
     assert load(image).size == (80, 40)
     r = app.post(
@@ -337,7 +337,7 @@ def test_api_body_limit_holds_without_an_image(app):
 
 
 def test_decoded_image_limit(images):
-    from engine.schema import FieldError, Limits, parse
+    from engine.serving.schema import FieldError, Limits, parse
 
     with pytest.raises(FieldError, match="the limit is 1 KiB") as e:
         parse({"prompt": "a cat", "image": _b64(images["other"])}, Limits(max_image_kib=1))
@@ -345,8 +345,8 @@ def test_decoded_image_limit(images):
 
 
 def test_api_view_and_metrics_show_a_digest_not_the_data(images):
-    from engine.images import embed
-    from engine.schema import api_view
+    from engine.runtime.images import embed
+    from engine.serving.schema import api_view
 
     req = GenerationRequest(
         prompt="a cat", height=H, width=W, num_frames=9, image=embed(Path(images["other"]).read_bytes())
@@ -361,7 +361,7 @@ def test_api_view_and_metrics_show_a_digest_not_the_data(images):
 def test_manifest_image_paths(model, images, tmp_path):
     import shutil
 
-    from engine.render import read_manifest
+    from engine.serving.batch import read_manifest
     from launch.render import main
 
     (tmp_path / "refs").mkdir()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.request import UserError
-from engine.worker import Worker, WorkerConfig
+from engine.runtime.request import UserError
+from engine.runtime.worker import Worker, WorkerConfig
 
 
 def make_lora(pipe_path, out_dir, seed):

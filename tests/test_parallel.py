@@ -70,7 +70,7 @@ def test_init_parallel_rejects_before_starting(monkeypatch):
 
 
 def test_single_process_short_circuits():
-    from engine.tiny import build_pipeline
+    from engine.testbed.tiny_wan import build_pipeline
 
     ctx = init_parallel(Degrees())
     assert isinstance(ctx, ParallelContext) and not ctx.is_distributed and ctx.is_main

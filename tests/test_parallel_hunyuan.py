@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import free_port, tiny_hunyuan_transformer
 
-from engine.fis_hooks import apply_fis, remove_fis
+from engine.hooks.fis import apply_fis, remove_fis
 from fis import FISConfig
 from parallel import Degrees, ParallelContext, drop_text_padding, parallelize_transformer
 from parallel.joint import JointAttention, install_joint_attention
@@ -92,8 +92,8 @@ def hunyuan_cfg():
     whose CFG starts at the second step (step 0 has no uncond call). One transformer call per step per rank."""
     from diffusers import ClassifierFreeGuidance
 
-    from engine.pipelines import PipelineCall
-    from engine.tiny_hunyuan import build_pipeline
+    from engine.runtime.pipelines import PipelineCall
+    from engine.testbed.tiny_hunyuan import build_pipeline
     from parallel import parallelize_pipeline
 
     diff, world = parallel_worker._diff, torch.distributed.get_world_size()

@@ -101,7 +101,7 @@ def test_eq6_is_zero_on_anchor_frames_and_not_elsewhere(profile_dir):
 
 
 def test_calibrated_toml_loads_and_runs(profile_dir, tiny_path, tmp_path, capsys):
-    from engine.profiler import block_error
+    from engine.evaluation.probe import block_error
     from launch.generate import main as generate
     from launch.profile_fis import main
 

@@ -9,9 +9,9 @@ import json
 import pytest
 from conftest import run_cli
 
-from engine.render import Batch, read_manifest
-from engine.video import read_mp4
-from engine.worker import WorkerConfig
+from engine.runtime.io import read_mp4
+from engine.runtime.worker import WorkerConfig
+from engine.serving.batch import Batch, read_manifest
 
 LINES = [
     {"prompt": "a red ball moving left", "size": "32x32", "num_frames": 17, "num_inference_steps": 2, "seed": 1},

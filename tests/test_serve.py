@@ -14,11 +14,11 @@ import requests
 from conftest import free_port
 from ray import serve
 
-from engine.jobs import JobStore
-from engine.ray_group import serve_app
-from engine.request import UserError
-from engine.service import DEFAULT_CONFIG, load_config
-from engine.video import read_mp4
+from engine.runtime.io import read_mp4
+from engine.runtime.request import UserError
+from engine.serving.jobs import JobStore
+from engine.serving.ray_executor import serve_app
+from engine.serving.service import DEFAULT_CONFIG, load_config
 
 QUEUE = 24
 SMALL = {"size": "32x32", "num_frames": 17, "num_inference_steps": 2}  # the default FIS preset: balanced
@@ -294,8 +294,8 @@ def test_concurrent_submissions_all_complete(client):
 def test_replicas_share_one_store_actor_on_the_head_node(client, config, tmp_path):
     """Replicas reach the queue, records and videos only through the cluster's store actor, so a replica on
     another node needs no shared disk: the actor answers for the output directory it owns."""
-    from engine.jobs import QueueFull
-    from engine.ray_group import shared_store
+    from engine.serving.jobs import QueueFull
+    from engine.serving.ray_executor import shared_store
 
     done = client.submit(size="32x32", num_frames=17, num_inference_steps=1)
     assert client.wait(done)["status"] == "completed"
@@ -303,7 +303,7 @@ def test_replicas_share_one_store_actor_on_the_head_node(client, config, tmp_pat
     assert done in {j["id"] for j in store.list(100)}
     assert store.video_bytes(done) == client.store.video_path(done).read_bytes()
     other = shared_store(str(tmp_path / "other"))  # another output directory: another actor, its own queue
-    from engine.request import GenerationRequest
+    from engine.runtime.request import GenerationRequest
 
     request = GenerationRequest(prompt="a cat", height=32, width=32, num_frames=17, steps=2).to_dict()
     other.submit(request, 1)

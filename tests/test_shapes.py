@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine.shapes import DIRECTIONS, Spec, adherence, centroid_track, parse_prompt, render, sample_spec
+from engine.testbed.shapes_data import DIRECTIONS, Spec, adherence, centroid_track, parse_prompt, render, sample_spec
 
 
 def test_prompts_round_trip_through_the_grammar():

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from engine.shapes import Spec, render
-from engine.video_metrics import flicker, psnr, ssim
+from engine.evaluation.video_metrics import flicker, psnr, ssim
+from engine.testbed.shapes_data import Spec, render
 
 
 @pytest.fixture(scope="module")

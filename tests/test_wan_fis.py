@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.fis_hooks import apply_fis, remove_fis
-from engine.request import GenerationRequest
-from engine.tiny import VARIANTS
-from engine.worker import Worker, WorkerConfig
+from engine.hooks.fis import apply_fis, remove_fis
+from engine.runtime.request import GenerationRequest
+from engine.runtime.worker import Worker, WorkerConfig
+from engine.testbed.tiny_wan import VARIANTS
 from fis import FISConfig
 
 H = W = 32  # latent 4x4 -> 2x2 tokens per frame after patching

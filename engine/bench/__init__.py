@@ -1,0 +1,1 @@
+"""Speed benchmarks on real-size random-weight models."""

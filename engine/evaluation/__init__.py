@@ -1,0 +1,1 @@
+"""Quality and temporal structure: the FIS probe, fidelity harness, video metrics, plots."""

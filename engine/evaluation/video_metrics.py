@@ -1,0 +1,43 @@
+"""Weight-free fidelity of a video against a reference (FIS vs dense): PSNR, SSIM (scikit-image) and a
+temporal-flicker score. Videos are [F, H, W, 3] uint8, as engine.runtime.io.to_uint8 makes them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def psnr(video: np.ndarray, ref: np.ndarray) -> float:
+    """Over the whole clip (one MSE), in dB; inf for identical videos."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    _check(video, ref)
+    if np.array_equal(video, ref):
+        return float("inf")
+    return float(peak_signal_noise_ratio(ref, video, data_range=255))
+
+
+def ssim(video: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over frames of the colour SSIM of each frame."""
+    from skimage.metrics import structural_similarity
+
+    _check(video, ref)
+    win = min(7, (min(ref.shape[1:3]) - 1) // 2 * 2 + 1)  # SSIM's default 7, or the largest odd size that fits
+    return float(
+        np.mean(
+            [structural_similarity(r, v, channel_axis=-1, data_range=255, win_size=win) for r, v in zip(ref, video)]
+        )
+    )
+
+
+def flicker(video: np.ndarray) -> float:
+    """Temporal flicker: mean absolute change of the frame-to-frame difference (a second temporal
+    derivative, in grey levels). Smooth motion scores low; frames that jump back and forth score high."""
+    v = video.astype(np.float32)
+    if len(v) < 3:
+        return 0.0
+    return float(np.abs(v[2:] - 2 * v[1:-1] + v[:-2]).mean())
+
+
+def _check(video: np.ndarray, ref: np.ndarray) -> None:
+    if video.shape != ref.shape:
+        raise ValueError(f"videos differ in shape: {video.shape} vs {ref.shape}")

@@ -1,0 +1,1 @@
+"""One process, one request -> one video: the Worker and what it needs."""

@@ -1,0 +1,1 @@
+"""Serving and batch rendering: HTTP API, job store, executors (local, torchrun, Ray)."""

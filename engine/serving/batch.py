@@ -1,0 +1,244 @@
+"""Offline batch rendering: a JSONL manifest in, one mp4 + metrics per line and summary.json out.
+
+Each line is a request with the HTTP API's fields (engine/serving/schema.py) plus an optional "id" (letters,
+digits, '.', '_', '-'), which names the outputs: ID.mp4 and ID.metrics.json. A line without an id is named by
+a hash of its request and the model, so editing or reordering lines never reuses a stale video. A line's
+"image" is a file path relative to the manifest's folder; its content is part of the key.
+
+Resumable: a line whose metrics file exists and records the same request key is skipped; files are written
+to a temporary name and renamed (mp4 first, metrics last), so a killed run leaves nothing that looks done.
+Deterministic: a line's video depends on its request and seed only, not on the group that rendered it.
+A bad line is reported with its line number, recorded in summary.json, and does not stop the batch.
+
+Runs on Ray (engine.serving.ray_executor.render_on_ray: groups of N ranks, data parallel), under torchrun (the world
+split into groups of N ranks, lines dealt round-robin), or in a single process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engine.runtime.images import digest
+from engine.runtime.io import write_json, write_mp4
+from engine.runtime.request import GenerationRequest, UserError
+from engine.runtime.worker import WorkerConfig
+
+from .schema import FieldError, parse
+
+
+@dataclass(frozen=True)
+class Item:
+    line: int  # 1-based line number in the manifest
+    id: str
+    key: str  # hash of the request, the default FIS preset and the model: what makes an output reusable
+    obj: dict
+
+
+# where and how fast a video is made, not what it shows: not part of an output's identity
+_PLACEMENT = ("device", "attention_backend", "cfg_parallel", "ulysses", "ring", "shard", "sp_attention", "dp")
+
+
+def model_key(cfg: WorkerConfig) -> dict:
+    """The settings that change a video."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PLACEMENT}
+
+
+def read_manifest(path: Path, default_fis: str, model: dict) -> tuple[list[Item], list[dict]]:
+    """-> (items, bad lines as {'line', 'id', 'reason'}). Field checks happen here; checks against the model
+    (sizes, 4k+1 frames, FIS fit) when a worker takes the line."""
+    items, bad, seen = [], [], {}
+    for n, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        obj, job_id = None, None
+        try:
+            obj = json.loads(text)
+            req, job_id = parse(obj, default_fis=default_fis, allow_id=True, image_root=path.parent)
+        except (ValueError, RecursionError) as e:
+            reason = e.args[0] if isinstance(e, FieldError) else f"not valid JSON: {e}"
+            bad.append({"line": n, "id": obj.get("id") if isinstance(obj, dict) else None, "reason": reason})
+            continue
+        request = {k: v for k, v in obj.items() if k != "id"}
+        identity = {"request": request, "default_fis": default_fis, "model": model}
+        if req.image:  # the image's content, not only its path: an edited image renders again
+            identity["image_sha256"] = digest(req.image)
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        job_id = job_id or key[:16]
+        if job_id in seen:
+            bad.append({"line": n, "id": job_id, "reason": f"duplicate id {job_id!r} (also on line {seen[job_id]})"})
+            continue
+        seen[job_id] = n
+        items.append(Item(n, job_id, key, obj))
+    return items, bad
+
+
+class Batch:
+    """One run over a manifest: the plan, the outcomes, the progress bar and summary.json. Thread-safe: Ray
+    render groups report from threads of their own."""
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        out_dir: str | Path,
+        default_fis: str,
+        cfg: WorkerConfig,
+        fps: int = 16,
+        progress: bool = True,
+        report: bool = True,
+    ):
+        self.manifest, self.out, self.default_fis, self.fps = Path(manifest), Path(out_dir), default_fis, fps
+        if not self.manifest.is_file():
+            raise UserError(f"manifest {str(manifest)!r} does not exist")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        self.items, self.bad = read_manifest(self.manifest, default_fis, model_key(cfg))
+        complete = {i.id for i in self.items if self.is_complete(i)}
+        self.skipped = [i for i in self.items if i.id in complete]
+        self.pending = [i for i in self.items if i.id not in complete]
+        self.rendered: list[str] = []
+        self.errors: list[dict] = []
+        self._queue = deque(self.pending)
+        self._lock = threading.Lock()
+        for b in self.bad if report else ():  # under torchrun every rank reads the manifest; one reports
+            self._report(b)
+        self.bar = tqdm(total=len(self.pending), unit="video", desc="render", disable=not progress, file=sys.stderr)
+
+    def metrics_path(self, item: Item) -> Path:
+        return self.out / f"{item.id}.metrics.json"
+
+    def video_path(self, item: Item) -> Path:
+        return self.out / f"{item.id}.mp4"
+
+    def is_complete(self, item: Item) -> bool:
+        try:
+            return (
+                json.loads(self.metrics_path(item).read_text()).get("key") == item.key
+                and self.video_path(item).is_file()
+            )
+        except (OSError, ValueError):
+            return False
+
+    def request(self, item: Item, family: str) -> GenerationRequest:
+        """The line's request with the model family's FIS presets (the id plays no part)."""
+        return parse(
+            item.obj, default_fis=self.default_fis, family=family, allow_id=True, image_root=self.manifest.parent
+        )[0]  # the image read again: items stay small
+
+    # ---- outcomes (called by whoever rendered the line: a Ray group thread, or a group leader) --------------
+    def next_item(self) -> Item | None:
+        with self._lock:
+            return self._queue.popleft() if self._queue else None
+
+    def done(self, item: Item, result: dict) -> None:
+        write_mp4(result["frames"], self.video_path(item), fps=self.fps)
+        write_json(
+            {**result["metrics"], "id": item.id, "line": item.line, "key": item.key, "manifest": str(self.manifest)},
+            self.metrics_path(item),
+        )  # last: marks the line complete
+        with self._lock:
+            self.rendered.append(item.id)
+            self.bar.update()
+
+    def failed(self, item: Item, reason: str) -> None:
+        entry = {"line": item.line, "id": item.id, "reason": reason}
+        with self._lock:
+            self.errors.append(entry)
+            self._report(entry)
+            self.bar.update()
+
+    def watch(self, items: list[Item]) -> None:
+        """Move the bar for lines other processes render (torchrun: rank 0 sees the other groups' files)."""
+        left = list(items)
+
+        def poll():
+            while left:
+                time.sleep(1.0)
+                finished = [i for i in left if self.is_complete(i)]
+                for i in finished:
+                    left.remove(i)
+                with self._lock:
+                    self.bar.update(len(finished))
+
+        threading.Thread(target=poll, daemon=True).start()
+
+    def _report(self, entry: dict) -> None:
+        tqdm.write(f"{self.manifest}:{entry['line']}: {entry['reason']}", file=sys.stderr)
+
+    # ---- the end --------------------------------------------------------------------------------------------
+    def summary(self, backend: str, groups: int, ranks: int) -> dict:
+        self.bar.n = len(self.rendered) + len(self.errors)  # torchrun: the other groups' lines, now known
+        self.bar.close()
+        elapsed = time.time() - self.started
+        failures = sorted(self.bad + self.errors, key=lambda f: f["line"])
+        s = {
+            "manifest": str(self.manifest),
+            "output_dir": str(self.out),
+            "backend": backend,
+            "groups": groups,
+            "ranks_per_group": ranks,
+            "total": len(self.items) + len(self.bad),
+            "done": len(self.rendered),
+            "skipped": len(self.skipped),
+            "failed": len(failures),
+            "failures": failures,
+            "done_ids": sorted(self.rendered),
+            "skipped_ids": [i.id for i in self.skipped],
+            "not_run": [i.id for i in self._queue],  # left when every render group was lost
+            "total_time_s": round(elapsed, 3),
+            "videos_per_hour": round(len(self.rendered) / elapsed * 3600, 2) if self.rendered else 0.0,
+        }
+        write_json(s, self.out / "summary.json")
+        return s
+
+
+def render_local(batch: Batch, cfg: WorkerConfig):
+    """torchrun (or one process): the world is cfg.dp render groups, lines dealt round-robin over them.
+    Every rank of a group runs each of its lines; the leader writes; rank 0 ends up with every outcome.
+    Returns this process's parallel context."""
+    import torch.distributed as dist
+
+    from parallel import destroy_parallel
+
+    from .executor import GroupMember
+
+    member = GroupMember(cfg)
+    ctx = member.worker.ctx
+    ctx.barrier()  # every rank has planned before any rank writes: all saw the same complete lines
+    group, groups = ctx.axis_rank("dp"), ctx.degrees.dp
+    if ctx.is_main:
+        batch.watch([i for n, i in enumerate(batch.pending) if n % groups != group])
+    for item in batch.pending[group::groups]:
+        try:
+            result = member.run(batch.request(item, member.worker.info.family))
+        except UserError as e:  # every rank of the group rejects the line alike
+            if ctx.is_leader:
+                batch.failed(item, str(e))
+            continue
+        except Exception as e:
+            if ctx.degrees.replica > 1:
+                raise  # the group's other ranks may wait in a collective: stop; a re-run resumes
+            batch.failed(item, f"{type(e).__name__}: {e}")
+            continue
+        if ctx.is_leader:
+            try:
+                batch.done(item, result)
+            except OSError as e:  # disk full, permissions: this line fails, the group goes on together
+                batch.failed(item, f"cannot write the outputs: {e}")
+    if ctx.is_distributed:
+        parts = [None] * ctx.world_size if ctx.is_main else None
+        dist.gather_object((batch.rendered, batch.errors), parts, dst=0)
+        if ctx.is_main:
+            batch.rendered = [i for done, _ in parts for i in done]
+            batch.errors = [e for _, errors in parts for e in errors]
+    destroy_parallel()
+    return ctx

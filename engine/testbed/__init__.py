@@ -1,0 +1,1 @@
+"""Synthetic data, training of the embedded model, tiny pipelines; never on the inference path."""
