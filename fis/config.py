@@ -97,7 +97,7 @@ class FISConfig:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict, name: str = "custom") -> "FISConfig":
+    def from_dict(cls, data: dict, name: str = "custom") -> FISConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"name"}
         unknown = set(data) - known
         if unknown:
@@ -105,7 +105,7 @@ class FISConfig:
         return cls(**data, name=data.get("name", name))
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "FISConfig":
+    def from_toml(cls, path: str | Path) -> FISConfig:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
@@ -116,7 +116,7 @@ class FISConfig:
         data = data.get("fis", data)  # accept a [fis] table or top-level keys
         return cls.from_dict(data, name=path.stem)
 
-    def replace(self, **overrides) -> "FISConfig":
+    def replace(self, **overrides) -> FISConfig:
         """Copy with the non-None overrides applied (CLI flags)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -143,7 +143,8 @@ class FISConfig:
         lo, hi = self.dense_head, num_blocks - self.dense_tail  # protected: [0, lo) and [hi, L)
         if lo > hi:
             raise FISConfigError(
-                f"fis dense_head ({self.dense_head}) + dense_tail ({self.dense_tail}) exceed the model's {num_blocks} blocks"
+                f"fis dense_head ({self.dense_head}) + dense_tail ({self.dense_tail}) exceed the model's "
+                f"{num_blocks} blocks"
             )
         if self.blocks is None:
             return tuple(range(lo, hi))
@@ -153,7 +154,8 @@ class FISConfig:
         clash = [b for b in self.blocks if b < lo or b >= hi]
         if clash:
             raise FISConfigError(
-                f"fis blocks {clash} overlap the protected head/tail (dense blocks 0-{lo - 1} and {hi}-{num_blocks - 1}); "
+                f"fis blocks {clash} overlap the protected head/tail (dense blocks 0-{lo - 1} and "
+                f"{hi}-{num_blocks - 1}); "
                 f"lower dense_head/dense_tail to sparsify them"
             )
         return tuple(sorted(self.blocks))

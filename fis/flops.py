@@ -33,7 +33,7 @@ class DiTDims:
     joint: bool = False  # dual-stream blocks (HunyuanVideo 1.5): context tokens join self-attention, no cross-attn
 
     @classmethod
-    def from_wan_config(cls, cfg: dict, vae_s: int = 8, vae_t: int = 4, text_len: int = 512) -> "DiTDims":
+    def from_wan_config(cls, cfg: dict, vae_s: int = 8, vae_t: int = 4, text_len: int = 512) -> DiTDims:
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         return cls(
             num_layers=cfg["num_layers"],
@@ -50,7 +50,7 @@ class DiTDims:
         )
 
     @classmethod
-    def from_hunyuan15_config(cls, cfg: dict, vae_s: int = 16, vae_t: int = 4, text_len: int = 256) -> "DiTDims":
+    def from_hunyuan15_config(cls, cfg: dict, vae_s: int = 16, vae_t: int = 4, text_len: int = 256) -> DiTDims:
         """HunyuanVideo15Transformer3DModel's config. text_len: context tokens counted in joint attention (256,
         as HUNYUAN_VIDEO_15 below: the paper's count)."""
         dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]

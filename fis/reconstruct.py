@@ -26,7 +26,7 @@ class FrameTables:
     num_frames: int
 
     @classmethod
-    def build(cls, anchors: tuple[int, ...], num_frames: int, device) -> "FrameTables":
+    def build(cls, anchors: tuple[int, ...], num_frames: int, device) -> FrameTables:
         left, right, w = interp_table(anchors, num_frames)
         long = dict(dtype=torch.long, device=device)
         return cls(
@@ -61,7 +61,7 @@ def select_frames(x: torch.Tensor, anchors: torch.Tensor, num_frames: int, dim: 
 
 
 def reconstruct(y_a: torch.Tensor, t: FrameTables, x: torch.Tensor | None = None) -> torch.Tensor:
-    """See _reconstruct_eager. On CUDA the same arithmetic runs as one fused kernel (torch.compile of
+    """See reconstruct_eager. On CUDA the same arithmetic runs as one fused kernel (torch.compile of
     `fused_reconstruct`): the eager form makes ~13 passes over a hidden-state-sized tensor, the fused
     one reads x once and writes the output once."""
     if y_a.is_cuda and _FUSED["on"]:
@@ -69,8 +69,10 @@ def reconstruct(y_a: torch.Tensor, t: FrameTables, x: torch.Tensor | None = None
             return _fused_call(y_a, t, x)
         except Exception as e:  # no triton, an inductor bug: FIS must still run
             _FUSED["on"] = False
-            warnings.warn(f"fused FIS reconstruction unavailable ({type(e).__name__}: {e}); using eager ops")
-    return _reconstruct_eager(y_a, t, x)
+            warnings.warn(
+                f"fused FIS reconstruction unavailable ({type(e).__name__}: {e}); using eager ops", stacklevel=2
+            )
+    return reconstruct_eager(y_a, t, x)
 
 
 def fused_reconstruct(ya, x, left, right, a_left, a_right, w, is_anchor):
@@ -103,27 +105,39 @@ def _fused_call(y_a, t: FrameTables, x):
     return out.view(B, F * hw, C)
 
 
-def _reconstruct_eager(y_a: torch.Tensor, t: FrameTables, x: torch.Tensor | None = None) -> torch.Tensor:
-    """Rebuild all F frames from the anchor outputs.
+def reconstruct_eager(y_a: torch.Tensor, t: FrameTables, x: torch.Tensor | None = None) -> torch.Tensor:
+    """Rebuild all F frames from the anchor outputs (the reference the fused kernel is tested against).
 
     y_a: [B, A*HW, C] block output on the anchors.
     x:   None -> 'linear' (Eq. 10 on outputs). Otherwise the block input [B, F*HW, C] ->
          'residual': out_f = x_f + lerp(y - x) of the neighbouring anchors; anchors exact.
     returns [B, F*HW, C]
     """
-    B, N_a, C = y_a.shape
+    if x is None:
+        return interpolate(y_a, t)
+    d = y_a - select_frames(x, t.anchors, t.num_frames)  # [B, A*HW, C] anchor updates
+    return add_updates(interpolate(d, t), x, y_a, t.anchors)
+
+
+def interpolate(v_a: torch.Tensor, t: FrameTables) -> torch.Tensor:
+    """Eq. 10 on any per-anchor values: [B, A*HW, C] -> [B, F*HW, C]; anchor frames get their own value."""
+    B, N_a, C = v_a.shape
     A, F = t.anchors.numel(), t.num_frames
     hw = N_a // A
-    ya = y_a.view(B, A, hw, C)  # [B, A, HW, C]
-    w = t.weight.to(ya.dtype).view(1, F, 1, 1)
-    if x is None:
-        out = ya.index_select(1, t.left)  # [B, F, HW, C]
-        out.lerp_(ya.index_select(1, t.right), w)
-        return out.view(B, F * hw, C)
-    xf = x.view(B, F, hw, C)
-    d = ya - xf.index_select(1, t.anchors)  # [B, A, HW, C] anchor updates
-    out = d.index_select(1, t.left)
-    out.lerp_(d.index_select(1, t.right), w)
-    out += xf
-    out.index_copy_(1, t.anchors, ya)  # anchors are the block's own output, bit for bit
+    va = v_a.view(B, A, hw, C)  # [B, A, HW, C]
+    w = t.weight.to(va.dtype).view(1, F, 1, 1)
+    out = va.index_select(1, t.left)  # [B, F, HW, C]
+    out.lerp_(va.index_select(1, t.right), w)
     return out.view(B, F * hw, C)
+
+
+def add_updates(d: torch.Tensor, x: torch.Tensor, y_own: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """The residual operator's last step: interpolated anchor updates d [B, F*HW, C] (in place) + the block input
+    x [B, F*HW, C], with the anchor frames `own` ([A] long, frame indices) set to the block's own output y_own
+    [B, A*HW, C] bit for bit. Under the frame layout the updates come from every rank, `own` only from this one."""
+    B, N, C = x.shape
+    d += x
+    if own.numel():  # a frame-layout rank may own no anchor of this block
+        hw = y_own.shape[1] // own.numel()
+        d.view(B, N // hw, hw, C).index_copy_(1, own, y_own.view(B, own.numel(), hw, C))
+    return d

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # config.py imports this module (lazily): no cycle at run time
+    from .config import FISConfig
 
 
 @lru_cache(maxsize=1024)  # asked once per sparse block call: keep the block loop free of set building
@@ -45,7 +49,7 @@ class FISPlan:
     step gate  (Eq. 14): sparse only for step < num_steps - dense_steps.
     """
 
-    config: "object"  # FISConfig (kept untyped to avoid an import cycle)
+    config: FISConfig
     sparse_blocks: tuple[int, ...]
     num_frames: int
     num_steps: int

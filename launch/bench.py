@@ -8,6 +8,7 @@ python launch/bench.py --append-docs RUN.json      # add a finished run to docs/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import shlex
@@ -16,19 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        fail(message)
-
-
-def fail(message: str) -> None:
-    print(f"bench: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+from launch.common import Parser, fail, quiet_libraries  # noqa: E402
 
 
 def parser() -> Parser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="wan2.2-a14b", help="wan2.2-a14b, wan2.2-ti2v-5b or wan2.1-1.3b")
     p.add_argument("--resolution", default="480p", help="480p (832x480) or 720p (1280x720)")
     p.add_argument("--rows", default="all", help="'all' (Table 1), 'none' (sweep only) or row names, comma-separated")
@@ -61,7 +54,7 @@ def main(argv=None) -> int:
         try:
             report = json.loads(Path(a.append_docs).read_text())
         except (OSError, ValueError) as e:
-            fail(f"cannot read {a.append_docs}: {e}")
+            fail(f"cannot read {a.append_docs}: {e}", "bench")
         print(f"appended to {append_docs(report, a.docs, a.append_docs)}")
         return 0
 
@@ -70,48 +63,19 @@ def main(argv=None) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
     res = "tiny" if a.tiny else a.resolution
     out_json = a.out_json or f"docs/bench/{stamp}-{a.model}-{res}.json"
-    opts = Options(
-        model=a.model,
-        resolution=a.resolution,
-        rows=a.rows,
-        ablations=a.ablations,
-        attention_backend=a.attention_backend,
-        attention_sweep=a.attention_sweep,
-        sweep_compile=a.sweep_compile,
-        compile=a.compile,
-        profile=a.profile,
-        vae=a.vae,
-        repeats=a.repeats,
-        ablation_repeats=a.ablation_repeats,
-        warmup=a.warmup,
-        frames=a.frames,
-        steps=a.steps,
-        seed=a.seed,
-        tiny=a.tiny,
-        max_seconds=a.max_seconds,
-        out_json=out_json,
-        command=shlex.join(["python", "launch/bench.py", *(sys.argv[1:] if argv is None else argv)]),
-    )
-    _quiet()
+    given = {**vars(a), "out_json": out_json}
+    given["command"] = shlex.join(["python", "launch/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    opts = Options(**{f.name: given[f.name] for f in dataclasses.fields(Options)})
+    quiet_libraries()
     try:
         report = run(opts)
     except BenchError as e:
-        fail(str(e))
+        fail(str(e), "bench")
     print("\n" + console_table(report))
     print(f"\nJSON: {out_json}")
     if a.docs.lower() != "none":
         print(f"Markdown: {append_docs(report, a.docs, out_json)}")
     return 0
-
-
-def _quiet() -> None:
-    """diffusers warns on every set_attention_backend call and MagCache logs each skip."""
-    import warnings
-
-    from diffusers.utils import logging as dlog
-
-    dlog.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""Command-line plumbing shared by the launch/ scripts: flags -> WorkerConfig / GenerationRequest."""
+"""Command-line plumbing shared by the launch/ scripts: one-line errors, flags -> WorkerConfig / GenerationRequest,
+prompt files and output folders."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
+from engine.errors import UserError
+from engine.models.wan import RESOLUTIONS
 from engine.runtime.presets import build_fis
-from engine.runtime.request import RESOLUTIONS, GenerationRequest, UserError
+from engine.runtime.request import GenerationRequest
 from engine.runtime.worker import WorkerConfig
 from fis import FISConfigError, parse_blocks
 
@@ -54,7 +58,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--compile",
         default="off",
         choices=["off", "static", "auto"],
-        help="torch.compile the blocks (GPU: +18%% TFLOP/s on Wan A14B); static = a graph per token count",
+        help="torch.compile the blocks (the fastest on GPU: docs/benchmarks.md); static = a graph per token count",
     )
     q = p.add_argument_group("parallel (under torchrun --nproc_per_node=N)")
     q.add_argument("--ulysses", type=int, help="Ulysses degree (default: what the world size leaves)")
@@ -97,23 +101,25 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 
 
 def worker_config(a) -> WorkerConfig:
-    return WorkerConfig(
-        model=a.model,
-        device=a.device,
-        dtype=a.dtype,
-        lora=a.lora,
-        lora_2=a.lora_2,
-        lora_scale=a.lora_scale,
-        scheduler=a.scheduler,
-        shift=a.shift,
-        attention_backend=a.attention_backend,
-        compile=a.compile,
-        cfg_parallel=a.cfg_parallel,
-        ulysses=a.ulysses,
-        ring=a.ring,
-        shard=a.shard,
-        sp_attention=a.sp_attention,
-    )
+    """WorkerConfig from the parsed flags: every field with a flag of the same name (--lora-2 -> lora_2)."""
+    given = vars(a)
+    return WorkerConfig(**{f.name: given[f.name] for f in dataclasses.fields(WorkerConfig) if f.name in given})
+
+
+def read_prompts(path: str) -> list[str]:
+    """A prompt file: one prompt per line, blank lines ignored."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompt file {path!r} does not exist")
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+def check_output_dir(path: str, overwrite: bool) -> Path:
+    """An output folder that does not exist yet or is empty (--overwrite: any folder)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise UserError(f"output {path!r} exists and is not empty (use --overwrite)")
+    return out
 
 
 def request(a, family: str) -> GenerationRequest:

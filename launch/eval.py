@@ -1,7 +1,8 @@
-"""Fidelity harness (issue 6): dense vs each FIS configuration over a fixed prompt set and seeds.
+"""Fidelity harness: dense vs each FIS configuration over a fixed prompt set and seeds.
 
     python launch/eval.py --out eval/                                   # embedded model, 24 grammar prompts
-    python launch/eval.py --model PIPELINE --prompts 24 --seeds 0,1 --steps 4 --frames 49 --height 64 --width 64 --out eval/
+    python launch/eval.py --model PIPELINE --prompts 24 --seeds 0,1 --steps 4 --frames 49 --height 64 --width 64 \
+        --out eval/
 
 Writes eval.json (every sample, summary, targets, command, versions), eval.md (table + targets met/missed)
 and eval_psnr.png / eval_frame_psnr.png. Configurations: engine/evaluation/fidelity.py CONFIGS (one line each).
@@ -9,6 +10,7 @@ and eval_psnr.png / eval_frame_psnr.png. Configurations: engine/evaluation/fidel
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 import time
@@ -16,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from launch.common import Parser, fail, quiet_libraries
+from launch.common import Parser, check_output_dir, fail, quiet_libraries, read_prompts
 
 
 def parser() -> Parser:
-    p = Parser(prog="eval", description=__doc__, formatter_class=__import__("argparse").RawTextHelpFormatter)
+    p = Parser(prog="eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="pipeline folder or hub id (default: the embedded model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parser().parse_args(argv)
     quiet_libraries()
-    from engine.runtime.request import UserError
+    from engine.errors import UserError
 
     try:
         return run(a, shlex.join(["python", "launch/eval.py", *argv]))
@@ -60,8 +62,8 @@ def main(argv=None) -> int:
 
 
 def inputs(a):
+    from engine.errors import UserError
     from engine.evaluation.fidelity import prompt_set
-    from engine.runtime.request import UserError
     from parallel import world_size_from_env
 
     if world_size_from_env() > 1:
@@ -73,20 +75,14 @@ def inputs(a):
     if not seeds or min(seeds) < 0:
         raise UserError(f"--seeds needs at least one seed >= 0, got {a.seeds!r}")
     if a.prompt_file:
-        path = Path(a.prompt_file)
-        if not path.is_file():
-            raise UserError(f"prompt file {a.prompt_file!r} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts = read_prompts(a.prompt_file)
         if not prompts:
             raise UserError(f"prompt file {a.prompt_file!r} has no prompts")
     elif a.prompts < 1:
         raise UserError(f"--prompts must be >= 1, got {a.prompts}")
     else:
         prompts = prompt_set(a.prompts, a.prompt_seed)
-    out = Path(a.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not a.overwrite)):
-        raise UserError(f"output {a.out!r} exists and is not an empty folder (use --overwrite)")
-    return prompts, seeds, out
+    return prompts, seeds, check_output_dir(a.out, a.overwrite)
 
 
 def run(a, command: str) -> int:

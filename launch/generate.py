@@ -7,6 +7,7 @@ Writes OUTPUT.mp4 and OUTPUT.metrics.json (and OUTPUT.latents.safetensors with -
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from launch.common import (
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="generate", description=__doc__, formatter_class=__import__("argparse").RawTextHelpFormatter)
+    p = Parser(prog="generate", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_model_args(p)
     add_request_args(p)
     p.add_argument("--output", default="out.mp4", help="mp4 path (its folder must exist)")
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     quiet_libraries()
-    from engine.runtime.request import UserError
+    from engine.errors import UserError
 
     try:
         out = check_output(a.output)

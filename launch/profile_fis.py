@@ -10,17 +10,26 @@ FIS preset that `launch/generate.py --fis <toml>` accepts and prints its predict
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.common import Parser, add_model_args, fail, quiet_libraries, worker_config
+from launch.common import (
+    Parser,
+    add_model_args,
+    check_output_dir,
+    fail,
+    quiet_libraries,
+    read_prompts,
+    worker_config,
+)
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="profile", description=__doc__, formatter_class=__import__("argparse").RawTextHelpFormatter)
+    p = Parser(prog="profile", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     r = sub.add_parser("run", help="profile a model")
     add_model_args(r)
@@ -43,7 +52,7 @@ def main(argv=None) -> int:
     c.add_argument("--out", required=True, help="the FIS preset .toml to write")
     a = p.parse_args(argv)
     quiet_libraries()
-    from engine.runtime.request import UserError
+    from engine.errors import UserError
 
     try:
         return run(a) if a.cmd == "run" else calibrate(a)
@@ -52,24 +61,20 @@ def main(argv=None) -> int:
 
 
 def run(a) -> int:
+    from engine.errors import UserError
     from engine.evaluation.probe import OPERATORS, block_error, profile
     from engine.evaluation.probe_report import report
     from engine.runtime.io import write_json
-    from engine.runtime.request import GenerationRequest, UserError
+    from engine.runtime.request import GenerationRequest
 
     prompts = [x for x in a.prompt if x.strip()]
     if a.prompts:
-        path = Path(a.prompts)
-        if not path.is_file():
-            raise UserError(f"prompt file {a.prompts!r} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += read_prompts(a.prompts)
     if not prompts:
         raise UserError("the prompt set is empty: give --prompt (repeatable) or --prompts FILE")
     if a.stride < 2:
         raise UserError(f"--stride must be >= 2 to measure sparse evaluation, got {a.stride}")
-    out = Path(a.out)
-    if out.exists() and any(out.iterdir()) and not a.overwrite:
-        raise UserError(f"output directory {a.out!r} exists and is not empty (use --overwrite)")
+    out = check_output_dir(a.out, a.overwrite)
     from engine.runtime.worker import Worker
 
     try:
@@ -100,9 +105,9 @@ def run(a) -> int:
 
 
 def calibrate(a) -> int:
+    from engine.errors import UserError
     from engine.evaluation.probe import block_error
     from engine.runtime.presets import load_fis
-    from engine.runtime.request import UserError
     from fis import UNIT, DiTDims, generation_flops
     from fis.analysis import calibrate as choose
 

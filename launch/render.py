@@ -41,9 +41,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     quiet_libraries()
-    from engine.runtime.request import UserError
-    from engine.serving.batch import Batch, render_local
-    from engine.serving.executor import GroupFailed, ranks_of
+    from engine.errors import GroupFailed, UserError
+    from engine.serving.batch import Batch
+    from engine.serving.executor import ranks_of, render_local
     from engine.serving.schema import FIS_NAMES
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's

@@ -9,6 +9,7 @@ Overrides use TOML values: serve.queue_size=32 parallel.ulysses=2 model.model=/m
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import threading
@@ -16,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from engine.runtime.request import UserError
-from engine.serving.service import DEFAULT_CONFIG, load_config
+from engine.errors import UserError
+from engine.serving.config import DEFAULT_CONFIG, load_config
 from launch.common import Parser, fail
 
 
@@ -38,7 +39,7 @@ def __getattr__(name: str):
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="serve", description=__doc__, formatter_class=__import__("argparse").RawTextHelpFormatter)
+    p = Parser(prog="serve", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML file (default: configs/serve.toml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. serve.port=8080")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start a local one)")

@@ -1,4 +1,4 @@
-"""Train the embedded model: a small Wan-architecture video DiT on procedural shapes videos (issue 6).
+"""Train the embedded model: a small Wan-architecture video DiT on procedural shapes videos.
 
   python launch/train_shapes.py --out engine/weights/shapes-wan              # one GPU, about 10 minutes
   python launch/train_shapes.py --out /tmp/smoke --smoke                     # CPU, seconds: checks the script
@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="train_shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    from launch.common import Parser
+
+    p = Parser(prog="train_shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="pipeline folder to write")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -36,8 +36,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from engine.runtime.loader import pick_device
-    from engine.runtime.request import UserError
+    from engine.errors import UserError
+    from engine.runtime.device import pick_device
     from engine.testbed.train import TrainConfig, check_adherence, save, train
 
     try:

@@ -10,7 +10,6 @@ FIS-friendly token layout, plus CFG parallelism.
 
 from .context import ParallelContext, destroy_parallel, init_parallel, world_size_from_env
 from .degrees import AXES, Degrees
-from .joint import drop_text_padding
 from .layout import MODES, TokenLayout
 from .parallelize import ParallelHandle, parallelize_pipeline, parallelize_transformer
 
@@ -22,7 +21,6 @@ __all__ = [
     "ParallelHandle",
     "TokenLayout",
     "destroy_parallel",
-    "drop_text_padding",
     "init_parallel",
     "parallelize_pipeline",
     "parallelize_transformer",

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from engine.compat import BaseState, StateManager
 
 from .context import ParallelContext
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from engine.compat import flatten_group
+
 from .degrees import AXES, Degrees
 
 _CONTEXTS: dict[Degrees, ParallelContext] = {}  # one mesh per degree layout, built once per process
@@ -117,8 +119,8 @@ def init_parallel(degrees: Degrees, backend: str | None = None) -> ParallelConte
             device,
             mesh,
             sp_mesh,
-            sp_mesh._flatten().get_group() if degrees.sp > 1 else None,
-            mesh["cfg", "ring", "ulysses"]._flatten().get_group() if degrees.replica > 1 else None,
+            flatten_group(sp_mesh) if degrees.sp > 1 else None,
+            flatten_group(mesh["cfg", "ring", "ulysses"]) if degrees.replica > 1 else None,
         )
     _CONTEXTS[degrees] = ctx
     return ctx

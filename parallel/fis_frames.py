@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.hooks.fis import FISBlockHook, slice_frames
-from fis.reconstruct import FrameTables, reconstruct, select_frames
+from engine.hooks.fis import FISBlockHook, sparse_forward
+from fis.reconstruct import FrameTables, add_updates, reconstruct
 
 from .layout import all_gather_varlen
 
@@ -29,6 +29,11 @@ class _AnchorView:
 
 
 class FrameShardFISHook(FISBlockHook):
+    """The FIS block hook under the frame layout: the block runs on the anchors this rank owns (sparse_forward, as
+    in one process); the rebuild all-gathers what gets interpolated (anchor updates y - x for 'residual', anchor
+    outputs for 'linear') over the sequence-parallel group and interpolates this rank's frames from all anchors
+    (fis/reconstruct.py). Swapped in for FISBlockHook by parallel/sequence.py, and back on undo."""
+
     def __init__(self, base: FISBlockHook, shard, views: dict):
         super().__init__(base.state, base.adapter, base.index)
         self.shard = shard
@@ -41,30 +46,23 @@ class FrameShardFISHook(FISBlockHook):
             return fwd(*args, **kwargs)
         hidden = self.args.get(self.adapter.hidden, args, kwargs)  # [B, F_r*HW, C]
         v = self._view(anchors, hidden.device)
-        args, kwargs = list(args), dict(kwargs)
-        x_a = select_frames(hidden, v.anchors, v.num_frames)  # [B, A_r*HW, C]
-        self.args.set(self.adapter.hidden, x_a, args, kwargs)
-        for name, rule in self.adapter.per_frame.items():
-            value = self.args.get(name, args, kwargs)
-            if value is not None:
-                self.args.set(
-                    name, slice_frames(name, value, rule, v.anchors, v.num_frames, self.state._reused), args, kwargs
-                )
-        with self.shard.uneven(len(set(v.sizes)) > 1):  # anchors per rank differ even when frames split evenly
-            y = fwd(*args, **kwargs)
-        i = self.adapter.output_index  # dual-stream blocks return (video, text): the text stream passes as is
-        y, outs = (y, None) if i is None else (y[i], y)  # y: [B, A_r*HW, C]
+        uneven = len(set(v.sizes)) > 1  # anchors per rank differ even when frames split evenly
+
+        def run(*a, **kw):
+            with self.shard.uneven(uneven):
+                return fwd(*a, **kw)
+
         residual = self.state.config.operator == "residual"
-        d = y - x_a if residual else y  # what gets interpolated: anchor updates (residual) or outputs (linear)
-        d_all = torch.cat(all_gather_varlen(d, 1, v.sizes, self.shard.ctx.sp_group), 1)  # [B, A*HW, C]
-        out = reconstruct(d_all, v.tables)  # [B, F_r*HW, C]
-        if residual:
-            B, _, C = out.shape
-            hw = self.shard.layout.hw
-            out += hidden
-            y_a = y.view(B, v.anchors.numel(), hw, C)
-            out.view(B, v.num_frames, hw, C).index_copy_(1, v.anchors, y_a)  # anchors are the block's own output
-        return out if i is None else (*outs[:i], out, *outs[i + 1 :])
+
+        def rebuild(y, x_a, x):  # y, x_a: [B, A_r*HW, C]; x: [B, F_r*HW, C]
+            d = y - x_a if residual else y  # what gets interpolated
+            d_all = torch.cat(all_gather_varlen(d, 1, v.sizes, self.shard.ctx.sp_group), 1)  # [B, A*HW, C]
+            out = reconstruct(d_all, v.tables)  # [B, F_r*HW, C]
+            return add_updates(out, x, y, v.anchors) if residual else out
+
+        return sparse_forward(
+            run, args, kwargs, self.args, self.adapter, v.anchors, v.num_frames, rebuild, self.state.reused
+        )
 
     def _view(self, anchors: tuple[int, ...], device) -> _AnchorView:
         layout = self.shard.layout

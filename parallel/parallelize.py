@@ -7,12 +7,12 @@ for a gathering variant, which needs them in place.
 
 from __future__ import annotations
 
-from engine.runtime.loader import transformers_of
+from engine.models import sp_plan_for, transformers_of
 
 from .cfg import attach_cfg_parallel
 from .context import ParallelContext
 from .layout import MODES
-from .sequence import attach_sequence_parallel, plan_for
+from .sequence import attach_sequence_parallel
 
 ATTENTIONS = ("diffusers", "xfuser")  # whose sequence-parallel attention: diffusers' CP dispatcher, or xDiT's USP
 
@@ -38,7 +38,7 @@ def _check(transformers, ctx: ParallelContext, shard: str, attention: str) -> No
     for t in transformers:
         ctx.degrees.validate(ctx.world_size, t.config.num_attention_heads)
         if ctx.sp_size > 1:
-            plan_for(t)
+            sp_plan_for(t)
 
 
 def parallelize_transformer(

@@ -8,61 +8,29 @@ Each rank keeps a share of the video tokens (layout.py) from the patch embedding
 Self-attention runs through diffusers' context-parallel dispatcher (Ulysses all-to-all, ring), enabled with an
 empty cp_plan because the split and gather above are ours. Wan's cross-attention keeps its local queries against
 the replicated text context (its processor passes no parallel config there), as in xDiT. HunyuanVideo 1.5's
-joint attention over [video, text] gets joint.JointAttention, which adds each rank's slice of the replicated text
+joint attention over [video, text] gets joint.SequenceJoint, which adds each rank's slice of the replicated text
 to the sequence, so the gathered sequence holds every text token once.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from diffusers import ContextParallelConfig
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models._modeling_parallel import ParallelConfig
-from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
+from engine import compat
 from engine.hooks.attention_backend import set_attention_backend
-from engine.hooks.fis import BLOCK_HOOK, BlockArgs, FISBlockHook
-from engine.models.spec import adapter_for
+from engine.hooks.fis import BLOCK_HOOK, FISBlockHook
+from engine.models import BlockArgs, SPPlan, adapter_for, sp_plan_for
 
 from .context import ParallelContext
 from .fis_frames import FrameShardFISHook
-from .joint import install_joint_attention
+from .joint import SequenceJoint
 from .layout import TokenLayout, all_gather_varlen
 
 INPUT_HOOK, EMBED_HOOK, ROPE_HOOK, OUTPUT_HOOK = "sp_input", "sp_embed", "sp_rope", "sp_output"
-
-
-@dataclass(frozen=True)
-class SPPlan:
-    """Where a transformer's tokens are born, positioned and leave (module names), as data."""
-
-    embed: str  # output [B, C, F, H, W]: the patch-embedded video (the conv, before any flatten)
-    rope: str  # output: tuple of per-token tables, token axis rope_dim
-    out: str  # output [B, N, C]: the last per-token layer before unpatchify
-    per_token_inputs: tuple[str, ...] = ()  # transformer arguments shaped [B, N] when given per token
-    rope_dim: int = 1
-    joint: bool = False  # joint attention over [video, text]: the blocks get joint.JointAttention
-
-
-PLANS = {
-    "WanTransformer3DModel": SPPlan(
-        embed="patch_embedding", rope="rope", out="proj_out", per_token_inputs=("timestep",)
-    ),
-    # x_embedder.proj is the Conv3d; x_embedder's own flatten(2).transpose(1, 2) then gives [B, N_r, C]
-    "HunyuanVideo15Transformer3DModel": SPPlan(
-        embed="x_embedder.proj", rope="rope", out="proj_out", rope_dim=0, joint=True
-    ),
-}
-
-
-def plan_for(transformer) -> SPPlan:
-    name = type(transformer).__name__
-    if name not in PLANS:
-        raise ValueError(f"sequence parallelism has no plan for {name}; supported: {', '.join(sorted(PLANS))}")
-    return PLANS[name]
 
 
 class SequenceShard:
@@ -171,7 +139,7 @@ def _processors(transformer):
 
 def _enable_context_parallel(transformer, ctx: ParallelContext, attention_backend: str | None) -> ContextParallelConfig:
     cp = ContextParallelConfig(ring_degree=ctx.degrees.ring, ulysses_degree=ctx.degrees.ulysses, mesh=ctx.sp_mesh)
-    config = ParallelConfig(context_parallel_config=cp)
+    config = compat.ParallelConfig(context_parallel_config=cp)
     if attention_backend is None and ctx.degrees.ring > 1:
         attention_backend = "_native_cudnn"  # ring merges partial outputs by log-sum-exp: needs an LSE backend
     if attention_backend is not None:
@@ -183,8 +151,8 @@ def _enable_context_parallel(transformer, ctx: ParallelContext, attention_backen
     # CPU host: enable_parallelism computes `rank % torch.accelerator.device_count()` (division by zero in
     # diffusers 0.42.1), so do its two steps here: set the config up on our mesh, hand it to the processors.
     for p in _processors(transformer):
-        backend = p._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
-        if not _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(backend)):
+        backend = p._attention_backend or compat.default_backend_name()
+        if not compat.supports_context_parallel(backend):
             raise ValueError(f"attention backend {backend!r} has no context-parallel support in diffusers")
     config.setup(ctx.rank, ctx.world_size, ctx.device, mesh=ctx.sp_mesh)
     transformer._parallel_config = config
@@ -203,10 +171,10 @@ def attach_sequence_parallel(
     transformer, ctx: ParallelContext, mode: str, attention: str = "diffusers", attention_backend: str | None = None
 ):
     """Shard `transformer`'s tokens over ctx's ring x ulysses ranks. Returns the undo function."""
-    plan = plan_for(transformer)
+    plan = sp_plan_for(transformer)
     blocks = getattr(transformer, adapter_for(transformer).blocks_attr)
     backends = [(p, p._attention_backend) for p in _processors(transformer)]
-    joint, undo_joint = install_joint_attention(transformer) if plan.joint else ([], None)
+    joint, undo_joint = plan.joint_attention(transformer) if plan.joint_attention else ([], None)
     try:
         if attention == "xfuser":
             from .xdit import enable_xfuser_usp
@@ -220,7 +188,7 @@ def attach_sequence_parallel(
         raise
     shard = SequenceShard(ctx, mode, cp)
     for p in joint:
-        p.shard = shard
+        p.sequence = SequenceJoint(shard)
     swapped, views = [], {}
     if mode == "frame":  # FIS must rebuild frames from anchors on other ranks: swap in the gathering variant
         for block in blocks:
@@ -244,7 +212,7 @@ def attach_sequence_parallel(
             _replace_hook(block, BLOCK_HOOK, base)
         _disable_context_parallel(transformer)
         for p in joint:
-            p.shard = None
+            p.sequence = None
         if undo_joint is not None:
             undo_joint()
         for p, backend in backends:

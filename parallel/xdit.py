@@ -3,7 +3,7 @@ layouts and process layout. xfuser loads CUDA kernels (yunchang, flash-attn) at 
 and only on CUDA. Its rank order 'tp-sp-pp-cfg-dp' with Ulysses ranks lowest is our ('cfg', 'ring', 'ulysses')
 mesh, so its sequence groups hold the same ranks as ctx.sp_group.
 
-Not exercised on the CPU test host (xfuser does not import there); the lead's GPU benchmark compares it.
+Not exercised on the CPU test host (xfuser does not import there); launch/sp_bench.py compares it on GPUs.
 """
 
 from __future__ import annotations
@@ -41,14 +41,19 @@ class USPConfig:
 _diffusers_dispatch = wan.dispatch_attention_fn
 
 
-def _dispatch(query, key, value, *args, parallel_config=None, **kwargs):
-    """Wan's processor calls this with [B, S_local, H, D] tensors; self-attention carries our marker."""
-    if not isinstance(parallel_config, USPConfig):
-        return _diffusers_dispatch(query, key, value, *args, parallel_config=parallel_config, **kwargs)
+def usp_attention(query, key, value):
+    """xfuser's USP over [B, S_local, H, D] tensors (it works in [B, H, S, D])."""
     from xfuser.model_executor.layers.usp import USP
 
-    out = USP(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))  # xfuser: [B, H, S, D]
+    out = USP(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+def dispatch(query, key, value, *args, parallel_config=None, **kwargs):
+    """In place of Wan's dispatch_attention_fn: self-attention carries our marker and goes to USP."""
+    if not isinstance(parallel_config, USPConfig):
+        return _diffusers_dispatch(query, key, value, *args, parallel_config=parallel_config, **kwargs)
+    return usp_attention(query, key, value)
 
 
 def enable_xfuser_usp(ctx: ParallelContext, processors) -> USPConfig:
@@ -68,7 +73,7 @@ def enable_xfuser_usp(ctx: ParallelContext, processors) -> USPConfig:
         )
     # Wan's processor looks dispatch_attention_fn up in its module at every call; the wrapper passes everything
     # but our marked self-attention through to diffusers, so it stays installed.
-    wan.dispatch_attention_fn = _dispatch
+    wan.dispatch_attention_fn = dispatch
     config = USPConfig(ctx.degrees.ring, ctx.degrees.ulysses)
     for p in processors:
         p._parallel_config = config

@@ -4,21 +4,24 @@ the profile of one sparse step (FIS glue share, host syncs), and VAE decode time
 
 from __future__ import annotations
 
-import contextlib
-import statistics
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from engine.errors import one_line
 from engine.hooks.attention_backend import set_attention_backend
 from engine.hooks.compile import raise_recompile_limit
-from engine.models.random import build_block, default_dtype, model_dtype
-from engine.runtime.presets import load_fis, model_family
+from engine.hooks.fis import profile_glue
+from engine.models import preset_family
+from engine.models.random import build_block, default_dtype
+from engine.runtime.device import pick_dtype
+from engine.runtime.presets import load_fis
+from engine.runtime.timing import free_memory, peak_gib, time_fn
 from fis.flops import block_flops
 
-from .run import Setup, _failure, _peak_gib, _reset_memory, attach, detach, is_oom, transformer_call
+from .setup import Setup, attach, failure, is_oom, transformer_call
 
 # diffusers backends worth timing on an H100; the ones whose package is missing fail fast and say so.
 # _native_math is left out: it materialises the N x N scores (86 GB at 480p).
@@ -27,31 +30,10 @@ GLUE = "fis_glue"
 COMPILE_SWEEP_S = 150.0  # no new shape is compiled in the sweep after this long: the rows matter more
 
 
-def time_fn(fn, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
-    """Median seconds of fn() over `reps` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    cuda = device.type == "cuda"
-    times = []
-    for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def sweep_grids(spec, frames: int, sizes: list[tuple[str, tuple[int, int]]]) -> list[dict]:
     """Token grids to time a block on, one per (label, (height, width)), with the anchor counts the balanced
     preset produces there (s=3 on 21 latent frames: 8 and 9)."""
-    fis = load_fis("balanced", model_family(spec.transformer))
+    fis = load_fis("balanced", preset_family(spec.transformer))
     p = spec.transformer["patch_size"]
     out = []
     for label, (h, w) in sizes:
@@ -74,7 +56,7 @@ def block_inputs(spec, frames: int, h: int, w: int, device: torch.device) -> tup
         rope = WanRotaryPosEmbed(c["attention_head_dim"], c["patch_size"], c["rope_max_seq_len"])
         p_t, p_h, p_w = c["patch_size"]
         cos_sin = rope(torch.empty(1, 1, frames * p_t, h * p_h, w * p_w, device="meta"))  # 2 x [1, N, 1, D] fp32
-        with default_dtype(model_dtype(device)):
+        with default_dtype(pick_dtype("auto", device)):
             hidden = torch.randn(1, n, dim)  # [B, N, C]
             context = torch.randn(1, spec.text_len, dim)  # [B, L, C], after the text projection
             temb = torch.randn(1, n, 6, dim) if spec.expand_timesteps else torch.randn(1, 6, dim)
@@ -90,7 +72,7 @@ def attention_sweep(
 
     c = spec.transformer
     heads, hd = c["num_attention_heads"], c["attention_head_dim"]
-    block = build_block(c, device)
+    block = build_block(c, device, pick_dtype("auto", device))
     entries = []
     for g in grids:
         for frames in [g["frames"]] if dense_only else [g["frames"], g["anchors"][0]]:
@@ -104,28 +86,30 @@ def attention_sweep(
                     e.update(block_ms=sec * 1e3, block_tflops=block_flops(spec.dims, n) / sec / 1e12)
                     if not dense_only:
                         q, k, v = (
-                            torch.randn(1, n, heads, hd, device=device, dtype=model_dtype(device)) for _ in "qkv"
+                            torch.randn(1, n, heads, hd, device=device, dtype=pick_dtype("auto", device)) for _ in "qkv"
                         )
                         name = AttentionBackendName(backend)
-                        sec = time_fn(lambda: dispatch_attention_fn(q, k, v, backend=name), device)
+                        sec = time_fn(lambda: dispatch_attention_fn(q, k, v, backend=name), device)  # noqa: B023
                         e.update(attn_ms=sec * 1e3, attn_tflops=4 * n * n * heads * hd / sec / 1e12)
                         del q, k, v
                 except Exception as err:
                     e["status"] = _short(err)
                 entries.append(e)
             inputs = None  # noqa: F841 - free before the next grid's inputs are made
-            _reset_memory(device)
+            free_memory(device)
     out = {"entries": entries, "grids": grids}
     if compile_mode != "off":
         out["compile"] = _compile_sweep(spec, block, device, grids[0], best_backend(entries, grids[0]), compile_mode)
     block = None  # noqa: F841 - drop the weights before the next stage measures memory
-    _reset_memory(device)
+    free_memory(device)
     return out
 
 
 def _compile_sweep(spec, block, device, grid: dict, backend: str | None, mode: str) -> dict:
     """Compile time and steady speed of the compiled block at each token count FIS produces at this grid."""
-    from torch._dynamo.utils import counters
+    from engine.compat import dynamo_counters
+
+    counters = dynamo_counters()
 
     res = {"backend": backend, "mode": mode, "resolution": grid["resolution"], "shapes": []}
     start = time.perf_counter()
@@ -144,8 +128,8 @@ def _compile_sweep(spec, block, device, grid: dict, backend: str | None, mode: s
             if device.type == "cuda":
                 torch.cuda.synchronize()
             first = time.perf_counter() - t
-            steady = time_fn(lambda: compiled(*inputs), device)
-            eager = time_fn(lambda: block(*inputs), device)
+            steady = time_fn(lambda: compiled(*inputs), device)  # noqa: B023 - called in this iteration
+            eager = time_fn(lambda: block(*inputs), device)  # noqa: B023
             res["shapes"].append(
                 dict(
                     frames=frames,
@@ -192,27 +176,6 @@ def choose_backend(requested: str, sweep: dict | None, spec, device, grids: list
     )
 
 
-@contextlib.contextmanager
-def glue_annotations():
-    """Tag FIS's frame selection and reconstruction for the profiler (fis_hooks looks them up at call time)."""
-    from engine.hooks import fis as fis_hooks
-
-    originals = fis_hooks.select_frames, fis_hooks.reconstruct
-
-    def tag(fn):
-        def tagged(*args, **kwargs):
-            with torch.profiler.record_function(GLUE):
-                return fn(*args, **kwargs)
-
-        return tagged
-
-    fis_hooks.select_frames, fis_hooks.reconstruct = (tag(f) for f in originals)
-    try:
-        yield
-    finally:
-        fis_hooks.select_frames, fis_hooks.reconstruct = originals
-
-
 def count_host_syncs(fn) -> tuple[int, list[str]]:
     """Host<->device synchronisations torch reports while fn() runs (CUDA sync debug mode)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -237,9 +200,10 @@ def profile_sparse_step(s: Setup, out_json: str | None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     res = {"row": "FIS-Balanced", "step": 0}
-    cuda = s.device.type == "cuda"
+    cuda, attached = s.device.type == "cuda", None
     try:
-        state = attach(s, load_fis("balanced", s.family).replace(name="FIS-Balanced"), False)
+        attached = attach(s, load_fis("balanced", s.family).replace(name="FIS-Balanced"), False)
+        state = attached.state
         s.scheduler.set_timesteps(s.steps, device=s.device)
         t, model = s.scheduler.timesteps[0], s.experts[s.route[0]]
         state.begin(s.steps)
@@ -252,7 +216,7 @@ def profile_sparse_step(s: Setup, out_json: str | None) -> dict:
         if cuda:
             res["host_syncs"], res["sync_messages"] = count_host_syncs(step)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with glue_annotations(), profile(activities=activities) as prof:
+        with profile_glue(GLUE), profile(activities=activities) as prof:
             with torch.profiler.record_function("bench_step"):
                 step()
             if cuda:
@@ -283,10 +247,11 @@ def profile_sparse_step(s: Setup, out_json: str | None) -> dict:
             Path(out_json).with_suffix(".profile.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
         res["status"] = "ok"
     except Exception as err:
-        res["status"] = _failure(err)
+        res["status"] = failure(err)
     finally:
-        detach(s)
-        _reset_memory(s.device)
+        if attached is not None:
+            attached.remove()
+        free_memory(s.device)
     return res
 
 
@@ -297,23 +262,20 @@ def time_vae_decode(s: Setup, latents: torch.Tensor) -> dict:
     res = {"dtype": "fp32"}
     vae = None
     try:
-        _reset_memory(s.device)
+        free_memory(s.device)
         with torch.device(s.device):
             vae = AutoencoderKLWan(**s.spec.vae).eval().requires_grad_(False)
         z = latents.float()  # [1, C, F, H, W]
         with torch.no_grad():
             res["decode_s"] = time_fn(lambda: vae.decode(z, return_dict=False), s.device, warmup=1, reps=1)
-        res.update(status="ok", peak_gib=_peak_gib(s.device))
+        res.update(status="ok", peak_gib=peak_gib(s.device))
     except Exception as err:
-        res["status"] = _failure(err)
+        res["status"] = failure(err)
     finally:
         vae = None  # noqa: F841 - free the VAE before measuring what is left
-        _reset_memory(s.device)
+        free_memory(s.device)
     return res
 
 
 def _short(err: BaseException) -> str:
-    if is_oom(err):
-        return "OOM"
-    msg = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {msg[0] if msg else ''}"[:160]
+    return "OOM" if is_oom(err) else one_line(err, 160)

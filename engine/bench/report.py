@@ -11,7 +11,7 @@ import torch
 
 DOCS_HEADER = """# Benchmarks
 
-Results of `launch/bench.py` (issue 3): real-size Wan architectures with random weights, one process per
+Results of `launch/bench.py`: real-size Wan architectures with random weights, one process per
 resolution, every row on the same inputs. Each run appends a dated section below; earlier results are never
 edited or removed. The raw JSON of each run is in `docs/bench/`.
 """
@@ -175,7 +175,7 @@ def markdown_section(report: dict) -> str:
         ]
     t = targets(report)
     if t:
-        lines += ["### Targets (issue 3)", "", *[f"- {x}" for x in t], ""]
+        lines += ["### Targets", "", *[f"- {x}" for x in t], ""]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The fidelity harness of issue 6: dense vs each FIS configuration on a fixed prompt set and seeds.
+"""The fidelity harness: dense vs each FIS configuration on a fixed prompt set and seeds.
 
 Every number is weight-free: PSNR/SSIM of the decoded videos and a flicker score (video_metrics.py), the
 relative error of the final latents, and prompt adherence read back from the frames (shapes.py). The first
@@ -14,9 +14,10 @@ import time
 import numpy as np
 import torch
 
-from engine.bench.run import ROWS, Row
+from engine.bench.rows import ROWS, Row
+from engine.errors import UserError
 from engine.runtime.io import to_uint8, write_mp4
-from engine.runtime.request import GenerationRequest, UserError
+from engine.runtime.request import GenerationRequest
 from engine.testbed.shapes_data import COLOURS, DIRECTIONS, adherence, parse_prompt, sample_spec
 from fis import FISConfig, FISConfigError
 

@@ -13,11 +13,12 @@ import functools
 import torch
 import torch.distributed as dist
 
-from engine.hooks.fis import BlockArgs, sparse_forward
-from engine.models.spec import adapter_for
-from engine.runtime import timing as M
-from engine.runtime.request import GenerationRequest, UserError
-from fis import anchor_frames
+from engine.errors import UserError
+from engine.hooks.fis import local_rebuild, sparse_forward
+from engine.models import BlockArgs, adapter_for
+from engine.runtime import timing
+from engine.runtime.request import GenerationRequest
+from fis import OPERATORS, anchor_frames
 from fis.analysis import (
     coefficient_of_variation,
     magnitude_map,
@@ -27,8 +28,6 @@ from fis.analysis import (
     relative_change_parts,
 )
 from fis.reconstruct import FrameTables, reconstruct, select_frames
-
-OPERATORS = ("linear", "residual")
 
 
 class BlockProbe:
@@ -81,7 +80,7 @@ class BlockProbe:
         y_anchor = select_frames(y_full, t.anchors, F)  # the dense outputs of the anchor frames
         for op in OPERATORS:
             # what FIS runs: anchors see only anchors in attention, so they too drift a little
-            y = sparse_forward(fwd, args, kwargs, names, self.adapter, t, op)
+            y = sparse_forward(fwd, args, kwargs, names, self.adapter, t.anchors, F, local_rebuild(t, op))
             y = y if i is None else y[i]
             self.errors[(op, *key)] = self._error(y, y_full, F)  # [F]
             # the operator alone, fed exact anchors: zero on anchors by construction
@@ -98,15 +97,15 @@ def profile(worker, prompts: list[str], req: GenerationRequest, stride: int, pro
     if worker.ctx.sp_size > 1 and worker.cfg.shard != "spatial":
         raise UserError("profiling needs every rank to hold every frame: use --shard spatial")
     probe = BlockProbe(worker, stride)
-    M.reset_peak(worker.device)
+    timing.reset_peak(worker.device)
     seconds = []
     try:
         for p, prompt in enumerate(prompts):
             probe.prompt = p
             r = GenerationRequest(**{**req.__dict__, "prompt": prompt, "fis": None})
-            t0 = M.now(worker.device)
+            t0 = timing.now(worker.device)
             worker.generate(r, decode=False)
-            seconds.append(M.now(worker.device) - t0)
+            seconds.append(timing.now(worker.device) - t0)
             if progress:
                 progress(p + 1, len(prompts))
     finally:
@@ -134,8 +133,8 @@ def profile(worker, prompts: list[str], req: GenerationRequest, stride: int, pro
         "num_blocks": L,
         "steps": T,
         "seconds_per_prompt": seconds,
-        "peak_memory_gib": M.peak_memory_gib(worker.device),
-        "gpu": M.gpu_info(worker.device),
+        "peak_memory_gib": timing.peak_memory_gib(worker.device),
+        "gpu": timing.gpu_info(worker.device),
         "curves": curves.tolist(),
         "cv": cv.tolist(),
         "frame_error": table(probe.errors),

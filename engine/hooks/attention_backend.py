@@ -11,20 +11,17 @@ from __future__ import annotations
 def set_attention_backend(module, backend: str) -> None:
     """Backend `backend` on every attention layer of `module` (a diffusers model or a bare block)."""
     from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_dispatch import (
-        AttentionBackendName,
-        _AttentionBackendRegistry,
-        _check_attention_backend_requirements,
-    )
 
-    before = _AttentionBackendRegistry._active_backend
+    from engine import compat
+
+    before = compat.active_backend()
     try:
         if hasattr(module, "set_attention_backend") and not isinstance(module, AttentionModuleMixin):  # a model
             module.set_attention_backend(backend)
             return
-        _check_attention_backend_requirements(AttentionBackendName(backend))  # a bare block: missing package -> now
+        compat.check_backend_requirements(backend)  # a bare block: a missing package fails now
         for m in module.modules():
             if isinstance(m, AttentionModuleMixin):
                 m.set_attention_backend(backend)
     finally:
-        _AttentionBackendRegistry.set_active_backend(before)
+        compat.set_active_backend(before)

@@ -11,17 +11,36 @@ anchor frames, runs the block's own forward, and rebuilds the skipped frames (fi
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+from collections.abc import Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from engine.models.spec import FISAdapter, SliceRule, adapter_for
+from engine.models import BlockArgs, FISAdapter, SliceRule, adapter_for
 from fis import FISConfig, FISPlan
 from fis.reconstruct import FrameTables, reconstruct, select_frames
 
 MODEL_HOOK = "fis_model"
 BLOCK_HOOK = "fis_block"
+_KEEP = object()  # begin(): keep the current config
+_GLUE = {"label": None}  # profile_glue: a torch.profiler label around FIS's own work in a sparse block
+
+
+@contextlib.contextmanager
+def profile_glue(label: str = "fis_glue"):
+    """Tag FIS's frame selection and reconstruction with record_function(label) for torch.profiler, in every
+    sparse block (one process or the frame layout) while the context is open."""
+    _GLUE["label"] = label
+    try:
+        yield
+    finally:
+        _GLUE["label"] = None
+
+
+def _glue():
+    label = _GLUE["label"]
+    return contextlib.nullcontext() if label is None else torch.profiler.record_function(label)
 
 
 class FISState:
@@ -38,11 +57,14 @@ class FISState:
         self.step = 0
         self.num_steps = 1
         self.plan: FISPlan | None = None
-        self._tables: dict = {}  # (anchors, device) -> FrameTables, kept across forwards
-        self._reused: dict = {}  # per forward: sliced block-invariant args (RoPE)
+        # (anchors, device) -> FrameTables, kept across forwards. Not keyed by the frame count: the last frame is
+        # always an anchor, so an anchor tuple fixes it.
+        self._tables: dict = {}
+        self.reused: dict = {}  # per forward: sliced block-invariant args (RoPE)
 
-    def begin(self, num_steps: int, config: FISConfig | None | str = "keep") -> None:
-        if config != "keep":
+    def begin(self, num_steps: int, config: FISConfig | None = _KEEP) -> None:
+        """A new generation of `num_steps` steps, with `config` from now on if given (None: FIS off)."""
+        if config is not _KEEP:
             self.config = config
         self.step, self.num_steps, self.plan = 0, num_steps, None
 
@@ -52,7 +74,7 @@ class FISState:
         return {}
 
     def start_forward(self, num_frames: int) -> None:
-        self._reused.clear()
+        self.reused.clear()
         if self.config is None:
             self.plan = None
         elif self.plan is None or self.plan.num_frames != num_frames or self.plan.num_steps != self.num_steps:
@@ -100,50 +122,51 @@ class FISBlockHook(ModelHook):
             return fwd(*args, **kwargs)
         hidden = self.args.get(self.adapter.hidden, args, kwargs)
         t = self.state.tables(anchors, hidden.device)
+        rebuild = local_rebuild(t, self.state.config.operator)
         return sparse_forward(
-            fwd, args, kwargs, self.args, self.adapter, t, self.state.config.operator, self.state._reused
+            fwd, args, kwargs, self.args, self.adapter, t.anchors, t.num_frames, rebuild, self.state.reused
         )
 
 
-class BlockArgs:
-    """Reads and replaces a block's arguments by name, whether passed by position or keyword."""
-
-    def __init__(self, block):
-        names = list(inspect.signature(type(block).forward).parameters)[1:]  # drop self
-        self._pos = {n: i for i, n in enumerate(names)}
-
-    def get(self, name, args, kwargs):
-        if name in kwargs:
-            return kwargs[name]
-        i = self._pos.get(name)
-        return args[i] if i is not None and i < len(args) else None
-
-    def set(self, name, value, args: list, kwargs: dict):
-        i = self._pos.get(name)
-        if name in kwargs or i is None or i >= len(args):
-            kwargs[name] = value
-        else:
-            args[i] = value
-
-
 def sparse_forward(
-    fwd, args, kwargs, names: BlockArgs, adapter: FISAdapter, t: FrameTables, operator: str, reused: dict | None = None
+    fwd,
+    args,
+    kwargs,
+    names: BlockArgs,
+    adapter: FISAdapter,
+    anchors: torch.Tensor,
+    num_frames: int,
+    rebuild: Callable,
+    reused: dict | None = None,
 ):
-    """Run a block on the anchor frames of `t` and rebuild all frames (Eq. 7-10).
+    """Run a block on the frames `anchors` ([A] long, indices into this call's `num_frames`) and rebuild all frames
+    (Eq. 7-10): the hidden states and every per-frame argument are sliced to the anchors, the block's own forward
+    runs, and rebuild(y_a, x_a, x) turns its anchor output [B, A*HW, C] (x_a: its anchor input, x: the whole input
+    [B, F*HW, C]) into [B, F*HW, C]. local_rebuild is the one-process rebuild; parallel/fis_frames.py gives one that
+    first gathers anchors from the other ranks.
 
     `reused` caches slices of block-invariant arguments (RoPE) for the duration of one forward."""
     hidden = names.get(adapter.hidden, args, kwargs)  # [B, F*HW, C]
     args, kwargs = list(args), dict(kwargs)
-    names.set(adapter.hidden, select_frames(hidden, t.anchors, t.num_frames), args, kwargs)
-    for name, rule in adapter.per_frame.items():
-        value = names.get(name, args, kwargs)
-        if value is not None:
-            names.set(name, slice_frames(name, value, rule, t.anchors, t.num_frames, reused), args, kwargs)
+    with _glue():
+        x_a = select_frames(hidden, anchors, num_frames)  # [B, A*HW, C]
+        names.set(adapter.hidden, x_a, args, kwargs)
+        for name, rule in adapter.per_frame.items():
+            value = names.get(name, args, kwargs)
+            if value is not None:
+                names.set(name, slice_frames(name, value, rule, anchors, num_frames, reused), args, kwargs)
     out = fwd(*args, **kwargs)
-    i = adapter.output_index
+    i = adapter.output_index  # dual-stream blocks return (video, text): the text stream passes as is
     y = out if i is None else out[i]  # [B, A*HW, C]
-    y = reconstruct(y, t, hidden if operator == "residual" else None)
+    with _glue():
+        y = rebuild(y, x_a, hidden)
     return y if i is None else (*out[:i], y, *out[i + 1 :])
+
+
+def local_rebuild(t: FrameTables, operator: str) -> Callable:
+    """Every frame from this process's anchors (fis/reconstruct.py; one fused kernel on CUDA)."""
+    residual = operator == "residual"
+    return lambda y_a, x_a, x: reconstruct(y_a, t, x if residual else None)
 
 
 def slice_frames(name: str, value, rule: SliceRule, anchors: torch.Tensor, num_frames: int, reused: dict | None = None):

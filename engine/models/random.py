@@ -1,7 +1,9 @@
-"""Real-size Wan architectures with random weights, built directly on the GPU (no download).
+"""Real-size architectures with random weights, built directly on the GPU (no download), and the offline tokenizer
+they (and the tiny test pipelines) use.
 
-Used by the benchmark (engine/bench/run.py) and by `--model random:<name>` in launch/generate.py, so a
-real-size run of the whole engine needs no weights: speed is the same as with trained weights.
+Used by the benchmarks (engine/bench/) and by `--model random:<name>` in launch/generate.py, so a real-size run of
+the whole engine needs no weights: speed is the same as with trained weights. The configs are the model families'
+own (engine/models/wan.py).
 """
 
 from __future__ import annotations
@@ -11,35 +13,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from engine.runtime.loader import pick_dtype
-from engine.runtime.request import RESOLUTIONS
+from engine.compat import keep_in_fp32_modules
 from fis import DiTDims
 
-_WAN = dict(
-    patch_size=(1, 2, 2),
-    attention_head_dim=128,
-    text_dim=4096,
-    freq_dim=256,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
-# Wan 2.2 VAE (TI2V-5B, 48 latent channels); AutoencoderKLWan's defaults are the Wan 2.1 VAE. Latent statistics
-# only rescale the input, so neutral ones keep the timing real.
-_VAE_2_2 = dict(
-    base_dim=160,
-    decoder_base_dim=256,
-    z_dim=48,
-    in_channels=12,
-    out_channels=12,
-    patch_size=2,
-    is_residual=True,
-    scale_factor_spatial=16,
-    scale_factor_temporal=4,
-    latents_mean=[0.0] * 48,
-    latents_std=[1.0] * 48,
-)
+from . import wan
+
 _TINY = dict(
     num_attention_heads=2,
     attention_head_dim=16,
@@ -66,13 +44,13 @@ class ModelSpec:
     sizes: dict = field(default_factory=dict)  # (height, width) per resolution where the model differs from Wan's
 
     def size(self, resolution: str) -> tuple[int, int]:
-        return self.sizes.get(resolution, RESOLUTIONS[resolution])
+        return self.sizes.get(resolution, wan.RESOLUTIONS[resolution])
 
     @property
     def dims(self) -> DiTDims:
         return DiTDims.from_wan_config(self.transformer, vae_s=self.vae_s, text_len=self.text_len)
 
-    def tiny(self) -> "ModelSpec":
+    def tiny(self) -> ModelSpec:
         """Same structure (experts, channels, per-token timesteps, VAE kind) at toy width, for the CPU smoke run."""
         return replace(
             self,
@@ -84,30 +62,33 @@ class ModelSpec:
 
 
 MODELS = {
-    "wan2.2-a14b": ModelSpec(
-        "wan2.2-a14b",
-        dict(_WAN, num_attention_heads=40, in_channels=16, out_channels=16, ffn_dim=13824, num_layers=40),
-        experts=2,
-        boundary_ratio=0.875,
-    ),
+    "wan2.2-a14b": ModelSpec("wan2.2-a14b", wan.A14B, experts=2, boundary_ratio=0.875),
+    # 16x VAE + 2x2 patch: sides divisible by 32
     "wan2.2-ti2v-5b": ModelSpec(
-        "wan2.2-ti2v-5b",
-        dict(_WAN, num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336, num_layers=30),
-        expand_timesteps=True,
-        vae=_VAE_2_2,
-        vae_s=16,
-        sizes={"720p": (704, 1280)},
-    ),  # 16x VAE + 2x2 patch: sides divisible by 32
-    "wan2.1-1.3b": ModelSpec(
-        "wan2.1-1.3b", dict(_WAN, num_attention_heads=12, in_channels=16, out_channels=16, ffn_dim=8960, num_layers=30)
+        "wan2.2-ti2v-5b", wan.TI2V_5B, expand_timesteps=True, vae=wan.VAE_2_2, vae_s=16, sizes={"720p": (704, 1280)}
     ),
+    "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", wan.T2V_1_3B),
 }
+VOCAB_TEXT = (
+    "a the an of on in with and at to over under moving left right up down quickly slowly red green blue "
+    "yellow white black orange purple circle square triangle ball cat dog car bird tree sky sea city night "
+    "day dark light background bright small large video of walking running flying driving"
+)
 
 
-def model_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on the GPU (the benchmark); fp32 for the CPU smoke run, where bf16 matmuls are emulated and slow:
-    the engine's 'auto' dtype."""
-    return pick_dtype("auto", device)
+def build_tokenizer(max_length: int = 32, vocab_text: str = VOCAB_TEXT):
+    """A word-level tokenizer trained offline with `tokenizers`, wrapped for transformers."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"])
+    tok.train_from_iterator([vocab_text], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
 
 
 @contextlib.contextmanager
@@ -120,8 +101,9 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_transformer(config: dict, device: torch.device, seed: int):
-    """Random-weight WanTransformer3DModel, materialised directly on the GPU in bf16 (14B never exists in fp32).
+def build_transformer(config: dict, device: torch.device, seed: int, dtype: torch.dtype):
+    """Random-weight WanTransformer3DModel, materialised directly on the device in `dtype` (bf16 on a GPU: 14B never
+    exists in fp32).
 
     Like `from_pretrained(torch_dtype=bf16)`, the `_keep_in_fp32_modules` (norms, modulation table, time embedder)
     are fp32, so the elementwise work is the real one. diffusers' default init keeps the residual stream bounded
@@ -130,22 +112,22 @@ def build_transformer(config: dict, device: torch.device, seed: int):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    with torch.device(device), default_dtype(model_dtype(device)):
+    with torch.device(device), default_dtype(dtype):
         model = WanTransformer3DModel(**config)
-    keep = model._keep_in_fp32_modules
+    keep = keep_in_fp32_modules(model)
     for name, p in model.named_parameters():
         if any(k in name.split(".") for k in keep):
             p.data = p.data.float()
     return model.eval().requires_grad_(False)
 
 
-def build_block(config: dict, device: torch.device, seed: int = 0):
-    """One WanTransformerBlock of `config` (bf16, fp32 norms/modulation), for the kernel sweep."""
+def build_block(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """One WanTransformerBlock of `config` (`dtype`, fp32 norms/modulation), for the kernel sweep."""
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
     torch.manual_seed(seed)
     dim = config["num_attention_heads"] * config["attention_head_dim"]
-    with torch.device(device), default_dtype(model_dtype(device)):
+    with torch.device(device), default_dtype(dtype):
         block = WanTransformerBlock(
             dim,
             config["ffn_dim"],
@@ -160,21 +142,20 @@ def build_block(config: dict, device: torch.device, seed: int = 0):
     return block.eval().requires_grad_(False)
 
 
-def build_random_pipeline(name: str, device: torch.device, seed: int = 0):
+def build_random_pipeline(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """A whole WanPipeline of real size with random weights: `--model random:wan2.2-a14b`.
 
-    The transformers are the real architecture in bf16 (fp32 on CPU); the VAE is the real config in fp32;
+    The transformers are the real architecture in `dtype` (the engine's auto: bf16 on GPU, fp32 on CPU); the VAE is
+    the real config in fp32;
     the text encoder is a one-layer umT5 of the real width (the text encoder is not what is being timed).
     """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from engine.testbed.tiny_wan import build_tokenizer
-
     spec = MODELS[name]
     tokenizer = build_tokenizer(max_length=spec.text_len)
     torch.manual_seed(seed)
-    with torch.device(device), default_dtype(model_dtype(device)):
+    with torch.device(device), default_dtype(dtype):
         text_encoder = UMT5EncoderModel(
             UMT5Config(
                 vocab_size=len(tokenizer),
@@ -190,7 +171,7 @@ def build_random_pipeline(name: str, device: torch.device, seed: int = 0):
         ).eval()
     with torch.device(device):
         vae = AutoencoderKLWan(**spec.vae).eval()
-    experts = [build_transformer(spec.transformer, device, seed + i) for i in range(spec.experts)]
+    experts = [build_transformer(spec.transformer, device, seed + i, dtype) for i in range(spec.experts)]
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,

@@ -1,29 +1,33 @@
-"""Model knowledge for FIS, as data: where the blocks are and which block arguments carry tokens.
+"""The shape of model knowledge: what a model family module (wan.py, hunyuan15.py) fills in, as data and a few
+small functions. No model is named here.
 
-A block argument listed in `per_frame` holds one entry per video token along `dim` (frame-major,
-F * HW tokens) and is sliced to the anchor frames together with the hidden states; arguments not
-listed (text context, per-sample temb) pass through whole.
+  FISAdapter   where the blocks are and which block arguments carry tokens (the FIS hooks read it)
+  SPPlan       where tokens are born, positioned and leave (sequence parallelism reads it)
+  ModelFamily  both, plus everything else the engine must know of one architecture: preset family, FLOPs
+               dimensions, default size, prompt encoding, pipeline fixes, single-process optimisations
+  BlockArgs    a block's arguments by name, whether passed by position or keyword
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass(frozen=True)
 class SliceRule:
+    """A block argument that holds one entry per video token along `dim` (frame-major, F * HW tokens): FIS slices it
+    to the anchor frames together with the hidden states. Arguments without a rule (text context, per-sample temb)
+    pass through whole."""
+
     dim: int = 1
     ndim: int | None = None  # slice only tensors of this rank (Wan temb: [B, N, 6, C] vs [B, 6, C])
     reuse: bool = False  # the same tensor for every block of one forward: slice once per anchor set
 
 
-def _patch_tuple(config) -> tuple[int, int, int]:
+def patch_tuple(config) -> tuple[int, int, int]:
     return tuple(config.patch_size)  # Wan: (p_t, p_h, p_w)
-
-
-def _patch_t_and_square(config) -> tuple[int, int, int]:
-    return config.patch_size_t, config.patch_size, config.patch_size  # HunyuanVideo: ints
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class FISAdapter:
     hidden: str  # block argument with the video tokens [B, F*HW, C]
     per_frame: dict[str, SliceRule] = field(default_factory=dict)
     output_index: int | None = None  # the block returns a tuple; this element holds the video tokens
-    patch: Callable = _patch_tuple  # config -> (p_t, p_h, p_w)
+    patch: Callable = patch_tuple  # config -> (p_t, p_h, p_w)
     input_arg: str = "hidden_states"  # transformer argument [B, C, F, H, W]
 
     def geometry(self, transformer, latents) -> tuple[int, int]:
@@ -43,33 +47,68 @@ class FISAdapter:
         return f // p_t, (h // p_h) * (w // p_w)
 
 
-WAN = FISAdapter(
-    name="wan",
-    blocks_attr="blocks",
-    hidden="hidden_states",
-    per_frame={
-        "rotary_emb": SliceRule(dim=1, reuse=True),  # (cos, sin), each [1, N, 1, D]
-        "temb": SliceRule(dim=1, ndim=4),  # Wan 2.2 TI2V per-token timesteps [B, N, 6, C]
-    },
-)
+@dataclass(frozen=True)
+class SPPlan:
+    """Where a transformer's tokens are born, positioned and leave (module names), as data."""
 
-# HunyuanVideo 1.5: dual-stream blocks with joint attention over [video, text]. Only the video stream
-# is sliced; the text stream and its mask ([B, L_text], the processor pads it for the video tokens)
-# pass whole, and the block's updated text stream is used as is.
-HUNYUAN_VIDEO_15 = FISAdapter(
-    name="hunyuanvideo1.5",
-    blocks_attr="transformer_blocks",
-    hidden="hidden_states",
-    per_frame={"freqs_cis": SliceRule(dim=0, reuse=True)},  # (cos, sin), each [N, D]
-    output_index=0,  # returns (hidden_states, encoder_hidden_states)
-    patch=_patch_t_and_square,
-)
-
-ADAPTERS = {"WanTransformer3DModel": WAN, "HunyuanVideo15Transformer3DModel": HUNYUAN_VIDEO_15}
+    embed: str  # output [B, C, F, H, W]: the patch-embedded video (the conv, before any flatten)
+    rope: str  # output: tuple of per-token tables, token axis rope_dim
+    out: str  # output [B, N, C]: the last per-token layer before unpatchify
+    per_token_inputs: tuple[str, ...] = ()  # transformer arguments shaped [B, N] when given per token
+    rope_dim: int = 1
+    # joint attention over [video, text]: transformer -> (processors, undo), installing the family's attention
+    # processors that sequence parallelism then gives its attention step (parallel/joint.py); None: Wan-style
+    # self-attention, parallelised by diffusers' dispatcher alone
+    joint_attention: Callable | None = None
 
 
-def adapter_for(transformer) -> FISAdapter:
-    name = type(transformer).__name__
-    if name not in ADAPTERS:
-        raise ValueError(f"FIS has no adapter for {name}; supported: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[name]
+def _none(*_args, **_kwargs):
+    return None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything the engine knows about one architecture. The registry (engine/models/__init__.py) finds a
+    family by its transformer class; nothing outside engine/models/ compares model names.
+
+    preset_family(config) -> 'wan-14b' etc., or None: the configs/fis preset family of a real size
+    dims(config, vae_s, vae_t, text_len) -> fis.DiTDims: the architecture as the FLOPs counter sees it
+    default_size(pipe) -> (height, width) for a real-size model (small models: the loader's CPU-friendly size)
+    encode_text(pipe, prompt, negative, cfg, device) -> the pipeline call's embedding keyword arguments
+    text_len(pipe) -> context tokens the FLOPs counter counts
+    prepare_pipeline(pipe) -> None: fixes applied once to a loaded pipeline
+    optimise(transformer) -> undo or None: single-process speed-ups applied by the runtime (exact)
+    """
+
+    name: str
+    transformer_class: str
+    adapter: FISAdapter
+    sp_plan: SPPlan
+    preset_family: Callable
+    dims: Callable
+    default_size: Callable
+    encode_text: Callable
+    text_len: Callable
+    prepare_pipeline: Callable = _none
+    optimise: Callable = _none
+
+
+class BlockArgs:
+    """Reads and replaces a block's arguments by name, whether passed by position or keyword."""
+
+    def __init__(self, block):
+        names = list(inspect.signature(type(block).forward).parameters)[1:]  # drop self
+        self._pos = {n: i for i, n in enumerate(names)}
+
+    def get(self, name, args, kwargs):
+        if name in kwargs:
+            return kwargs[name]
+        i = self._pos.get(name)
+        return args[i] if i is not None and i < len(args) else None
+
+    def set(self, name, value, args: list, kwargs: dict):
+        i = self._pos.get(name)
+        if name in kwargs or i is None or i >= len(args):
+            kwargs[name] = value
+        else:
+            args[i] = value

@@ -15,7 +15,7 @@ import io
 import re
 from pathlib import Path
 
-from .request import UserError
+from engine.errors import UserError
 
 FITS = ("crop", "stretch", "strict")  # crop: cover + centre crop; stretch: resize; strict: must match
 FORMATS = ("PNG", "JPEG", "WEBP")

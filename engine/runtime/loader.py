@@ -9,30 +9,14 @@ from pathlib import Path
 
 import torch
 
-from .presets import model_family
-from .request import ModelInfo, UserError
+from engine.errors import UserError, one_line
+from engine.models import family_of, is_supported, preset_family, supported, transformers_of
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .request import ModelInfo
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is visible")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; valid: auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-EMBEDDED = Path(__file__).resolve().parent.parent / "weights" / "shapes-wan"  # launch/train_shapes.py made it (issue 6)
+EMBEDDED = Path(__file__).resolve().parent.parent / "weights" / "shapes-wan"  # launch/train_shapes.py made it
 EMBEDDED_NAME = "embedded:shapes-wan"  # how records name it (no --model given)
 DEFAULTS_FILE = "engine_defaults.json"  # a model folder's own default size, frames, steps (the embedded model has one)
 
@@ -60,24 +44,22 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype):
         name = model.split(":", 1)[1]
         if name not in MODELS:
             raise UserError(f"unknown random model {name!r}; valid: {', '.join('random:' + m for m in MODELS)}")
-        return build_random_pipeline(name, device)
+        return build_random_pipeline(name, device, dtype)
     src = resolve_model(model)
-    import engine.patch_vae  # noqa: F401  the embedded model's VAE class (its model_index.json names this module)
+    # the embedded model's VAE class: diffusers loads custom components only from modules already imported, by the
+    # name model_index.json gives (engine.patch_vae in folders saved before the move to engine/models/)
+    import engine.models.patch_vae  # noqa: F401
+    import engine.patch_vae  # noqa: F401
 
     try:
         pipe = DiffusionPipeline.from_pretrained(src, dtype=dtype)
     except (OSError, ValueError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {src!r}: {first}") from None
+        raise UserError(f"cannot load model {src!r}: {one_line(e).split(': ', 1)[-1]}", "model") from None
     vae = getattr(pipe, "vae", None)
     if vae is not None and vae.dtype != torch.float32:
         vae.to(torch.float32)  # Wan's VAE is meant to run in fp32; decode casts latents to it
     pipe.to(device)
     return pipe
-
-
-def transformers_of(pipe) -> list:
-    return [t for t in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if t is not None]
 
 
 def load_loras(pipe, lora: str | None, lora_2: str | None = None, scale: float = 1.0) -> None:
@@ -125,24 +107,24 @@ def set_scheduler(pipe, name: str = "default", shift: float | None = None) -> No
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **kw)
 
 
-def model_info(pipe) -> ModelInfo:
-    from engine.models.spec import adapter_for
+def check_supported(pipe) -> list:
+    """The pipeline's transformers, or UserError naming what is supported."""
+    transformers = transformers_of(pipe)
+    if not transformers or not is_supported(transformers[0]):
+        found = type(transformers[0]).__name__ if transformers else "no transformer"
+        raise UserError(f"{type(pipe).__name__} ({found}) is not supported; supported models: {supported()}", "model")
+    return transformers
 
+
+def model_info(pipe) -> ModelInfo:
     t = transformers_of(pipe)[0]
     cfg = t.config
-    adapter = adapter_for(t)
+    family = family_of(t)
     needs_image = "image" in inspect.signature(type(pipe).__call__).parameters
     real = cfg.num_attention_heads * cfg.attention_head_dim >= 1536
-    vae_s = getattr(pipe, "vae_scale_factor_spatial", 8)
-    # real sizes for real models (Wan 480p; HunyuanVideo its own 16:9 size at its resolution, 848x480 for the
-    # 480p model); a CPU-friendly size for small (embedded/test) models
-    size = (480, 832) if real else (128, 128)
-    if real and adapter.name == "hunyuanvideo1.5":
-        from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
-
-        size = tuple(
-            HunyuanVideo15ImageProcessor(vae_scale_factor=vae_s).calculate_default_height_width(9, 16, cfg.target_size)
-        )
+    # real sizes for real models (the family's: Wan 480p, HunyuanVideo its own 16:9 size); a CPU-friendly size
+    # for small (embedded/test) models
+    size = family.default_size(pipe) if real else (128, 128)
     frames, guidance = (81 if real else 33), 1.0
     name = pipe.config.get("_name_or_path")
     own = Path(name) / DEFAULTS_FILE if name else None  # a local folder's own file (hub ids: none)
@@ -153,12 +135,12 @@ def model_info(pipe) -> ModelInfo:
     return ModelInfo(
         num_blocks=cfg.num_layers,
         vae_t=getattr(pipe, "vae_scale_factor_temporal", 4),
-        vae_s=vae_s,
-        patch=tuple(adapter.patch(cfg)),
-        family=model_family(cfg),
+        vae_s=getattr(pipe, "vae_scale_factor_spatial", 8),
+        patch=tuple(family.adapter.patch(cfg)),
+        family=preset_family(cfg),
         needs_image=needs_image,
-        arch=adapter.name,
-        default_size=size,
+        arch=family.name,
+        default_size=tuple(size),
         default_frames=frames,
         default_guidance=guidance,
     )

@@ -1,10 +1,9 @@
-"""What differs between the supported pipelines' __call__, so the Worker drives them all one way.
+"""Driving every supported pipeline's __call__ one way. What a family does differently in prompt encoding and
+pipeline fixes lives in its engine/models/ module; what differs in the call's signature is read from it here:
 
-Wan               encode_prompt -> (positive, negative) embeddings; guidance_scale; callback_on_step_end;
-                  height/width
-HunyuanVideo 1.5  encode_prompt -> Qwen2.5-VL and ByT5 embeddings + masks, per branch; a `guider` object
-                  (ClassifierFreeGuidance) instead of guidance_scale; no step callback; I2V takes the video
-                  size from the reference image instead of height/width
+  guidance   guidance_scale (Wan) or a `guider` object (HunyuanVideo 1.5)
+  size       height/width, except HunyuanVideo 1.5 I2V, which takes the size from the fitted reference image
+  steps      callback_on_step_end, or (HunyuanVideo 1.5) a wrapper around scheduler.step
 """
 
 from __future__ import annotations
@@ -12,44 +11,22 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 
-WAN_TEXT_LEN = 512  # Wan's text length (umT5 tokens)
-_HY_TEXT = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
+from engine.models import ModelFamily
 
 
 class PipelineCall:
-    def __init__(self, pipe, arch: str):
-        self.pipe, self.arch = pipe, arch
+    def __init__(self, pipe, family: ModelFamily):
+        self.pipe, self.family = pipe, family
         self.params = set(inspect.signature(type(pipe).__call__).parameters)
-        if arch == "hunyuanvideo1.5" and "image" in self.params and "height" not in self.params:
-            pipe.video_processor = image_sized(pipe.video_processor)
+        family.prepare_pipeline(pipe)
 
     def encode_text(self, prompt: str, negative: str, cfg: bool, device) -> dict:
         """The prompt through the pipeline's own encode_prompt, before the call (timed as text_encode_s);
         the negative prompt only with CFG. Returns the call's embedding keyword arguments."""
-        pipe = self.pipe
-        if self.arch == "hunyuanvideo1.5":
-            dtype = pipe.transformer.dtype
-            kw = dict(zip(_HY_TEXT, pipe.encode_prompt(prompt, device=device, dtype=dtype)))
-            if cfg:  # "" is encoded as the pipeline encodes a missing negative prompt
-                kw.update(
-                    zip(("negative_" + n for n in _HY_TEXT), pipe.encode_prompt(negative, device=device, dtype=dtype))
-                )
-            return kw
-        pos, neg = pipe.encode_prompt(
-            prompt,
-            negative or None,
-            do_classifier_free_guidance=cfg,
-            max_sequence_length=self.text_len(),
-            device=device,
-        )
-        return {"prompt_embeds": pos, "negative_prompt_embeds": neg}
+        return self.family.encode_text(self.pipe, prompt, negative, cfg, device)
 
     def text_len(self) -> int:
-        """Wan pads text to 512 tokens; a model whose tokenizer declares fewer (the embedded one: 32) was
-        trained on that length, and 480 extra padding tokens would dilute its cross-attention."""
-        tok = getattr(self.pipe, "tokenizer", None)
-        declared = getattr(tok, "model_max_length", WAN_TEXT_LEN) or WAN_TEXT_LEN
-        return min(WAN_TEXT_LEN, int(declared))
+        return self.family.text_len(self.pipe)
 
     def guidance(self, scale: float) -> dict:
         """guidance_scale where the pipeline takes it; else set on its guider: enabled only above 1, as Wan
@@ -89,16 +66,3 @@ class PipelineCall:
             yield {}
         finally:
             del scheduler.step
-
-
-def image_sized(processor):
-    """HunyuanVideo 1.5 I2V's image processor, except that the video takes the reference image's size rather
-    than the nearest of the model's training sizes: the engine fits the image to the requested size first
-    (engine/runtime/images.py), so a request's height/width mean the same for every model."""
-    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
-
-    class ImageSized(HunyuanVideo15ImageProcessor):
-        def calculate_default_height_width(self, height: int, width: int, target_size: int):
-            return height, width
-
-    return ImageSized.from_config(processor.config)

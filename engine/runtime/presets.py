@@ -1,4 +1,8 @@
-"""FIS presets: TOML files in configs/fis/, one per (model family, preset), user-editable."""
+"""FIS presets: TOML files, one per (model family, preset), shipped with the package in engine/configs/fis/ (the
+checkout's configs/ points there) and user-editable: copy one and pass its path to --fis.
+
+The six wan-* files equal default.* today; they are kept as each size's own starting point.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,9 @@ from pathlib import Path
 
 from fis import FISConfig, FISConfigError
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "fis"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # package data: works from a wheel too
+PRESET_DIR = CONFIG_DIR / "fis"
 PRESETS = ("balanced", "fast")
-
-
-def model_family(transformer_config) -> str:
-    """Which preset family a transformer config belongs to (by architecture, not by name). HunyuanVideo 1.5
-    configs have an integer patch_size plus patch_size_t, Wan's have ffn_dim; a size of the other
-    architecture never picks up its presets. Anything else (the tiny test models): 'default'."""
-    c = transformer_config
-    dim = c["num_attention_heads"] * c["attention_head_dim"]
-    wan, hunyuan = "patch_size_t" not in c, "ffn_dim" not in c
-    if wan and c["num_layers"] == 40 and dim == 5120:
-        return "wan-14b"
-    if wan and c["num_layers"] == 30 and dim == 3072:
-        return "wan-5b"
-    if wan and c["num_layers"] == 30 and dim == 1536:
-        return "wan-1.3b"
-    if hunyuan and c["num_layers"] == 54 and dim == 2048:
-        return "hunyuanvideo1.5-8b"
-    return "default"
 
 
 def load_fis(spec: str | None, family: str = "default") -> FISConfig | None:

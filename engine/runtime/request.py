@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from engine.errors import UserError
 from fis import FISConfig, FISConfigError
 
-RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width), Wan's sizes
+from .images import FITS, describe, prepare
+
 MAX_SIDE = 4096
 MAX_FRAMES = 1025
-
-
-class UserError(ValueError):
-    """A mistake in the user's input: reported as one line, never as a traceback."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class ModelInfo:
     patch: tuple[int, int, int]
     family: str = "default"
     needs_image: bool = False
-    arch: str = "wan"  # the FIS adapter's name: wan, hunyuanvideo1.5
+    arch: str = ""  # the model family (engine/models), as ModelFamily.name
     default_size: tuple[int, int] = (480, 832)
     default_frames: int = 81
     default_guidance: float = 1.0
@@ -63,16 +61,14 @@ class GenerationRequest:
 
     def describe(self) -> dict:
         """to_dict for records people read (metrics): an embedded image as its format, size and hash."""
-        from .images import describe
-
         return {**self.to_dict(), "image": describe(self.image)}
 
 
 def _int(name, v, lo, hi):
     if isinstance(v, bool) or not isinstance(v, int):
-        raise UserError(f"{name} must be an integer, got {v!r}")
+        raise UserError(f"{name} must be an integer, got {v!r}", name)
     if not lo <= v <= hi:
-        raise UserError(f"{name} must be between {lo} and {hi}, got {v}")
+        raise UserError(f"{name} must be between {lo} and {hi}, got {v}", name)
     return v
 
 
@@ -80,40 +76,44 @@ def validate(req: GenerationRequest, info: ModelInfo, fit_image: bool = True) ->
     """Fill model defaults and check everything; returns the completed request or raises UserError.
     fit_image=False leaves decoding and fitting the reference image to a caller that does it next anyway."""
     if not isinstance(req.prompt, str) or not req.prompt.strip():
-        raise UserError("prompt must be a non-empty string")
+        raise UserError("prompt must be a non-empty string", "prompt")
     if not isinstance(req.negative_prompt, str):
-        raise UserError("negative_prompt must be a string")
+        raise UserError("negative_prompt must be a string", "negative_prompt")
     h = info.default_size[0] if req.height is None else req.height
     w = info.default_size[1] if req.width is None else req.width
     m = info.size_multiple
     for name, v in (("height", h), ("width", w)):
         _int(name, v, m, MAX_SIDE)
         if v % m:
-            raise UserError(f"{name} {v} must be a multiple of {m} (VAE x{info.vae_s} times patch {info.patch[1]})")
+            raise UserError(
+                f"{name} {v} must be a multiple of {m} (VAE x{info.vae_s} times patch {info.patch[1]})", name
+            )
     frames = info.default_frames if req.num_frames is None else req.num_frames
     _int("num_frames", frames, 1, MAX_FRAMES)
     if (frames - 1) % info.vae_t:
         lo = (frames - 1) // info.vae_t * info.vae_t + 1
         raise UserError(
-            f"num_frames must be of the form {info.vae_t}k+1 (e.g. {lo} or {lo + info.vae_t}), got {frames}"
+            f"num_frames must be of the form {info.vae_t}k+1 (e.g. {lo} or {lo + info.vae_t}), got {frames}",
+            "num_frames",
         )
     _int("steps", req.steps, 1, 1000)
     guidance = info.default_guidance if req.guidance is None else req.guidance
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 50:
-        raise UserError(f"guidance must be a number between 0 and 50, got {guidance!r}")
+        raise UserError(f"guidance must be a number between 0 and 50, got {guidance!r}", "guidance")
     _int("seed", req.seed, 0, 2**63 - 1)
-    from .images import FITS, prepare
-
     if not isinstance(req.image_fit, str) or req.image_fit not in FITS:
-        raise UserError(f"image_fit must be one of {', '.join(FITS)}, got {req.image_fit!r}")
+        raise UserError(f"image_fit must be one of {', '.join(FITS)}, got {req.image_fit!r}", "image_fit")
     if req.image is not None and not isinstance(req.image, str):
-        raise UserError(f"image must be a path or a data: URL, got {type(req.image).__name__}")
+        raise UserError(f"image must be a path or a data: URL, got {type(req.image).__name__}", "image")
     if info.needs_image and not req.image:
-        raise UserError("image is required: this is an image-to-video model; give a reference image")
+        raise UserError("image is required: this is an image-to-video model; give a reference image", "image")
     if req.image and not info.needs_image:
-        raise UserError("image is not accepted: this is a text-to-video model; drop the reference image")
+        raise UserError("image is not accepted: this is a text-to-video model; drop the reference image", "image")
     if req.image and fit_image:
-        prepare(req.image, h, w, req.image_fit)  # exists, decodes, fits (image_fit strict: the size matches)
+        try:  # exists, decodes, fits (image_fit strict: the size matches)
+            prepare(req.image, h, w, req.image_fit)
+        except UserError as e:
+            raise UserError(str(e), "image") from None
     out = GenerationRequest(
         req.prompt,
         req.negative_prompt,
@@ -137,4 +137,4 @@ def check_fis(req: GenerationRequest, info: ModelInfo) -> None:
         try:
             req.fis.resolve(info.num_blocks, info.latent_frames(req.num_frames), req.steps)
         except FISConfigError as e:
-            raise UserError(str(e)) from None
+            raise UserError(str(e), "fis") from None

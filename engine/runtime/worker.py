@@ -1,7 +1,7 @@
 """The Worker: one per GPU (or CPU process). Loads the pipeline once, serves many requests.
 
-torchrun (launch/generate.py), Ray Serve and batch rendering all drive the same class, by method
-name through `execute`, so the model code path is identical everywhere.
+torchrun (launch/generate.py), Ray worker groups and batch rendering all drive the same class (through
+engine/serving/executor.py, by method name: `execute`), so the model code path is identical everywhere.
 """
 
 from __future__ import annotations
@@ -12,31 +12,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.hooks.attention_backend import set_attention_backend
-from engine.hooks.compile import compile_blocks
-from engine.hooks.fis import FISState, apply_fis
-from engine.models.spec import ADAPTERS
-from engine.runtime import timing as M
+from engine.errors import Cancelled, UserError
+from engine.models import family_of
+from engine.runtime import timing
 from fis import UNIT, DiTDims, generation_flops
-from parallel import Degrees, drop_text_padding, init_parallel, parallelize_pipeline, world_size_from_env
+from parallel import Degrees, init_parallel, world_size_from_env
 
+from .device import pick_device, pick_dtype
 from .images import prepare as prepare_image
-from .loader import (
-    EMBEDDED_NAME,
-    load_loras,
-    load_pipeline,
-    model_info,
-    pick_device,
-    pick_dtype,
-    set_scheduler,
-    transformers_of,
-)
+from .loader import EMBEDDED_NAME, check_supported, load_loras, load_pipeline, model_info, set_scheduler
 from .pipelines import PipelineCall
-from .request import GenerationRequest, UserError, validate
-
-
-class Cancelled(Exception):
-    """Raised from the step callback when the caller cancels a running job."""
+from .request import GenerationRequest, validate
+from .setup import prepare
 
 
 @dataclass
@@ -77,37 +64,25 @@ class Worker:
         self.pipe = load_pipeline(cfg.model, self.device, dtype)
         load_loras(self.pipe, cfg.lora, cfg.lora_2, cfg.lora_scale)
         set_scheduler(self.pipe, cfg.scheduler, cfg.shift)
-        self.transformers = transformers_of(self.pipe)
-        supported = ", ".join(sorted(ADAPTERS))
-        if not self.transformers or type(self.transformers[0]).__name__ not in ADAPTERS:
-            found = type(self.transformers[0]).__name__ if self.transformers else "no transformer"
-            raise UserError(f"{type(self.pipe).__name__} ({found}) is not supported; supported models: {supported}")
+        self.transformers = check_supported(self.pipe)
+        self.family = family_of(self.transformers[0])
         self.info = model_info(self.pipe)
-        self.call = PipelineCall(self.pipe, self.info.arch)
-        if cfg.attention_backend and not self.ctx.is_distributed:
-            for t in self.transformers:
-                set_attention_backend(t, cfg.attention_backend)
-        try:
-            compile_blocks(self.transformers, cfg.compile)  # before the hooks: they stay eager around it
-        except ValueError as e:
+        self.call = PipelineCall(self.pipe, self.family)
+        try:  # the one attach order (engine/runtime/setup.py); FIS hooks on, FIS off until a request asks
+            self.attached = prepare(
+                self.transformers,
+                self.pipe,
+                attention_backend=cfg.attention_backend,
+                compile=cfg.compile,
+                fis=None,
+                optimise=True,
+                ctx=self.ctx,
+                shard=cfg.shard,
+                sp_attention=cfg.sp_attention,
+            )
+        except ValueError as e:  # bad compile mode, degrees that do not fit the model, shard
             raise UserError(str(e)) from None
-        self.fis = FISState(None, self.info.num_blocks)  # one state for both experts
-        for t in self.transformers:
-            apply_fis(t, None, self.fis)
-        if self.info.arch == "hunyuanvideo1.5":
-            # diffusers builds a dense [B, 1, S, S] text mask in every block (1.2 GiB at 480p/81 frames) and SDPA
-            # then takes a slow kernel: dropping the padding instead made the 8B dense forward 2.7x faster (H100,
-            # docs/benchmarks.md), same output.
-            for t in self.transformers:
-                drop_text_padding(t)
-        self.parallel = None
-        if self.ctx.is_distributed:  # after FIS: the frame layout wraps the FIS block hooks
-            try:
-                self.parallel = parallelize_pipeline(
-                    self.pipe, self.ctx, cfg.shard, cfg.sp_attention, cfg.attention_backend
-                )
-            except ValueError as e:
-                raise UserError(str(e)) from None
+        self.fis = self.attached.state  # one state for both experts
         self.pipe.set_progress_bar_config(disable=self.rank != 0, desc="denoise", leave=False)
 
     def execute(self, method: str, *args, **kwargs):
@@ -139,20 +114,18 @@ class Worker:
 
     def dims(self) -> DiTDims:
         """The architecture as the FLOPs counter sees it."""
-        cfg, vae = dict(self.transformers[0].config), dict(vae_s=self.info.vae_s, vae_t=self.info.vae_t)
-        if self.info.arch == "hunyuanvideo1.5":
-            return DiTDims.from_hunyuan15_config(cfg, **vae)
-        return DiTDims.from_wan_config(cfg, **vae, text_len=self.call.text_len())
+        return self.family.dims(self.transformers[0].config, self.info.vae_s, self.info.vae_t, self.call.text_len())
 
-    def flops(self, req: GenerationRequest, fis=None) -> float:
-        dims = self.dims()
-        plan = (
-            None
-            if fis is None
-            else fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames), req.steps)
-        )
+    def plan(self, req: GenerationRequest):
+        """The request's FIS plan on this model, or None (dense). The request is validated: it fits."""
+        if req.fis is None:
+            return None
+        return req.fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames), req.steps)
+
+    def flops(self, req: GenerationRequest, plan=None) -> float:
+        """Denoising FLOPs of a validated request: dense, or with FIS plan `plan`."""
         cfg_passes = 2 if req.guidance > 1.0 else 1
-        return generation_flops(dims, req.num_frames, req.height, req.width, req.steps, plan, cfg_passes)
+        return generation_flops(self.dims(), req.num_frames, req.height, req.width, req.steps, plan, cfg_passes)
 
     @torch.no_grad()
     def generate(self, req: GenerationRequest, on_step=None, cancel=None, decode: bool = True) -> dict:
@@ -164,20 +137,15 @@ class Worker:
         extra = {}
         if self.info.needs_image:  # fitted to the video size: the pipelines' own resizing has nothing left to do
             extra["image"] = prepare_image(req.image, req.height, req.width, req.image_fit)
-        M.reset_peak(dev)
-        t_start = M.now(dev)
+        timing.reset_peak(dev)
+        t_start = timing.now(dev)
         cfg = req.guidance > 1.0
         text = self.call.encode_text(req.prompt, req.negative_prompt, cfg, dev)
-        t_loop = M.now(dev)
-        steps_s, final = [], {}
+        clock = _StepClock(dev, req.steps)
 
         def on_step_end(p, i, t, kw):
             self.fis.step = i + 1  # the pipeline's real step index: right for CFG and both experts
-            tick = M.now(dev)  # one sync per step, never inside the block loop
-            steps_s.append(tick - (t_loop if i == 0 else on_step_end.last))
-            on_step_end.last = tick
-            if i == req.steps - 1:
-                final["latents"] = kw["latents"]
+            clock.tick(i, kw["latents"])  # one sync per step, never inside the block loop
             if on_step is not None:
                 on_step(i + 1, req.steps)
             if self._cancelled(cancel):
@@ -198,40 +166,42 @@ class Worker:
                 )
         finally:
             self.fis.begin(1, None)
-        t_end = M.now(dev)
-        dense = self.flops(req)
-        used = self.flops(req, req.fis)
-        loop_s = sum(steps_s)
+        t_end = timing.now(dev)
+        frames = out.frames[0] if decode and self.ctx.is_leader else None
+        return {"frames": frames, "latents": clock.latents, "metrics": self._metrics(req, t_start, clock, t_end)}
+
+    def _metrics(self, req: GenerationRequest, t_start: float, clock: _StepClock, t_end: float) -> dict:
+        plan = self.plan(req)
+        dense, used = self.flops(req), self.flops(req, plan)
+        loop_s = sum(clock.steps_s)
         metrics = {
             "request": req.describe(),
             "worker": self.describe(),
             "latency_s": t_end - t_start,
-            "text_encode_s": t_loop - t_start,  # every text encoder, both CFG branches; I2V image encoding is in step 0
+            "text_encode_s": clock.t0 - t_start,  # every text encoder, both CFG branches; I2V image encoding: step 0
             "denoise_s": loop_s,
-            "decode_s": t_end - t_loop - loop_s,
-            "step_s": steps_s,
+            "decode_s": t_end - clock.t0 - loop_s,
+            "step_s": clock.steps_s,
             "flops_P": used / UNIT,
             "flops_dense_P": dense / UNIT,
             "speedup_estimate": dense / used,
-            "peak_memory_gib": M.peak_memory_gib(dev),
-            "gpu": M.gpu_info(dev),
+            "peak_memory_gib": timing.peak_memory_gib(self.device),
+            "gpu": timing.gpu_info(self.device),
             "versions": versions(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        if self.ctx.degrees.cfg == 2 and not cfg:
+        if self.ctx.degrees.cfg == 2 and req.guidance <= 1.0:
             metrics["notes"] = [
                 "guidance <= 1 runs no uncond branch: both CFG rank groups computed the same "
                 "prediction; without --cfg-parallel those ranks would split the sequence instead"
             ]
-        if req.fis is not None:
-            plan = req.fis.resolve(self.info.num_blocks, self.info.latent_frames(req.num_frames), req.steps)
+        if plan is not None:
             metrics["fis"] = {
                 **req.fis.to_dict(),
                 "sparse_blocks": list(plan.sparse_blocks),
                 "sparse_steps": [s for s in range(req.steps) if plan.step_is_sparse(s)],
             }
-        frames = out.frames[0] if decode and self.ctx.is_leader else None
-        return {"frames": frames, "latents": final["latents"], "metrics": metrics}
+        return metrics
 
     def _cancelled(self, cancel) -> bool:
         """The replica's leader decides; every rank of the replica must stop at the same step, or the
@@ -242,6 +212,23 @@ class Worker:
             dist.broadcast(t, src=self.ctx.leader_rank(), group=self.ctx.replica_group)
             flag = bool(t.item())
         return flag
+
+
+class _StepClock:
+    """Seconds per denoising step (host clock after a device sync, at each step's end) and the final latents."""
+
+    def __init__(self, device, steps: int):
+        self.device, self.steps = device, steps
+        self.t0 = self.last = timing.now(device)  # the loop starts now: text encoding is done
+        self.steps_s: list[float] = []
+        self.latents = None
+
+    def tick(self, i: int, latents) -> None:
+        tick = timing.now(self.device)
+        self.steps_s.append(tick - self.last)
+        self.last = tick
+        if i == self.steps - 1:
+            self.latents = latents
 
 
 def versions() -> dict:

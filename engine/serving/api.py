@@ -26,8 +26,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from engine.errors import FieldError
+
 from .jobs import ID, QueueFull
-from .schema import FieldError
 
 
 class ApiError(Exception):

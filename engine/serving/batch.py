@@ -28,12 +28,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from engine.errors import FieldError, UserError
 from engine.runtime.images import digest
 from engine.runtime.io import write_json, write_mp4
-from engine.runtime.request import GenerationRequest, UserError
+from engine.runtime.request import GenerationRequest
 from engine.runtime.worker import WorkerConfig
 
-from .schema import FieldError, parse
+from .schema import parse
 
 
 @dataclass(frozen=True)
@@ -199,46 +200,3 @@ class Batch:
         }
         write_json(s, self.out / "summary.json")
         return s
-
-
-def render_local(batch: Batch, cfg: WorkerConfig):
-    """torchrun (or one process): the world is cfg.dp render groups, lines dealt round-robin over them.
-    Every rank of a group runs each of its lines; the leader writes; rank 0 ends up with every outcome.
-    Returns this process's parallel context."""
-    import torch.distributed as dist
-
-    from parallel import destroy_parallel
-
-    from .executor import GroupMember
-
-    member = GroupMember(cfg)
-    ctx = member.worker.ctx
-    ctx.barrier()  # every rank has planned before any rank writes: all saw the same complete lines
-    group, groups = ctx.axis_rank("dp"), ctx.degrees.dp
-    if ctx.is_main:
-        batch.watch([i for n, i in enumerate(batch.pending) if n % groups != group])
-    for item in batch.pending[group::groups]:
-        try:
-            result = member.run(batch.request(item, member.worker.info.family))
-        except UserError as e:  # every rank of the group rejects the line alike
-            if ctx.is_leader:
-                batch.failed(item, str(e))
-            continue
-        except Exception as e:
-            if ctx.degrees.replica > 1:
-                raise  # the group's other ranks may wait in a collective: stop; a re-run resumes
-            batch.failed(item, f"{type(e).__name__}: {e}")
-            continue
-        if ctx.is_leader:
-            try:
-                batch.done(item, result)
-            except OSError as e:  # disk full, permissions: this line fails, the group goes on together
-                batch.failed(item, f"cannot write the outputs: {e}")
-    if ctx.is_distributed:
-        parts = [None] * ctx.world_size if ctx.is_main else None
-        dist.gather_object((batch.rendered, batch.errors), parts, dst=0)
-        if ctx.is_main:
-            batch.rendered = [i for done, _ in parts for i in done]
-            batch.errors = [e for _, errors in parts for e in errors]
-    destroy_parallel()
-    return ctx

@@ -1,20 +1,44 @@
-"""One rank of a render group, as Ray worker actors and torchrun batch rendering both drive it.
+"""Executors: what runs requests on a worker group, as vLLM's executors do (entrypoint -> service -> executor ->
+worker). A worker group (one model replica) is the set of processes that make one video together: N GPUs, or on
+CPU N gloo processes; every rank runs each request and the group's leader returns the video.
 
-A render group (a model replica) is the set of processes that make one video together: N GPUs, or on CPU
-N gloo processes. The Worker sets up torch.distributed itself from torchrun's environment variables
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; parallel.init_parallel): torchrun sets them, a Ray
-worker group sets them in each actor. Every rank runs each request; the group's leader returns the video.
+  Executor        the protocol VideoService and batch rendering drive: info, describe, run, health, shutdown
+  GroupMember     one rank: a Worker driven by method name, with progress and cancellation for its driver
+  LocalExecutor   a group of one, in this process (no Ray: `launch/serve.py --executor local`, tests)
+  render_local    batch rendering under torchrun (or in one process): the world split into groups
+  RayExecutor     engine/serving/ray_executor.py: actors in a placement group; the only module that imports Ray
+
+The Worker sets up torch.distributed itself from torchrun's environment variables (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT; parallel.init_parallel): torchrun sets them, the Ray executor sets them in each actor.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
+from engine.errors import Cancelled, UserError, one_line
 from engine.runtime.io import to_uint8
-from engine.runtime.request import GenerationRequest, UserError
+from engine.runtime.request import GenerationRequest
 from engine.runtime.timing import gpu_info
 from engine.runtime.worker import Worker, WorkerConfig
-from parallel import Degrees
+from parallel import Degrees, destroy_parallel
+
+
+class Executor(Protocol):
+    """info (ModelInfo) and describe (dict) of the loaded model, then:"""
+
+    info: object
+    describe: dict
+
+    def run(self, req: GenerationRequest, on_poll=None) -> dict:
+        """The leader's {'frames': uint8 [F, H, W, 3], 'metrics'}. on_poll(step, steps) -> True cancels. Raises
+        UserError / Cancelled as the ranks do; GroupFailed if a rank died (the group must then be shut down)."""
+
+    def health(self) -> list[dict]:
+        """Per rank: {'rank', 'alive', ...}."""
+
+    def shutdown(self) -> None: ...
 
 
 def ranks_of(cfg: WorkerConfig) -> int:
@@ -25,11 +49,6 @@ def ranks_of(cfg: WorkerConfig) -> int:
         raise UserError(str(e)) from None
 
 
-class GroupFailed(RuntimeError):
-    """A rank died, or failed in a way that may leave the others waiting in a collective: the job fails with
-    this reason and the group is rebuilt."""
-
-
 class GroupMember:
     def __init__(self, cfg: WorkerConfig):
         self.worker = Worker(cfg)
@@ -37,13 +56,20 @@ class GroupMember:
         self.progress = (0, 0)  # (step, steps) of the current request; a Ray driver reads it from another thread
         self._cancel: str | None = None  # the job token a driver cancelled
 
-    def run(self, req: GenerationRequest, job: str | None = None) -> dict | None:
+    def run(self, req: GenerationRequest, job: str | None = None, on_step=None) -> dict | None:
         """Generate on this rank. The leader returns {'frames': uint8 [F, H, W, 3], 'metrics'}, the others None.
-        A run with a job token stops at the next step after cancel(job) (the Worker has every rank agree)."""
+        A run with a job token stops at the next step after cancel(job) (the Worker has every rank agree).
+        on_step(k, n): after each step, in this process (it may raise Cancelled in a group of one)."""
         self.progress = (0, req.steps)
         cancel = None if job is None else (lambda: self._cancel == job)
+
+        def step(k: int, n: int) -> None:
+            self.progress = (k, n)
+            if on_step is not None:
+                on_step(k, n)
+
         try:
-            out = self.worker.execute("generate", req, on_step=self._on_step, cancel=cancel)
+            out = self.worker.execute("generate", req, on_step=step, cancel=cancel)
         finally:
             self.progress = (0, 0)  # a driver polling before the next request starts must not see this one's
         if out["frames"] is None:
@@ -62,5 +88,63 @@ class GroupMember:
             "gpu": gpu_info(self.worker.device),
         }
 
-    def _on_step(self, k: int, n: int) -> None:
-        self.progress = (k, n)
+
+class LocalExecutor:
+    """A worker group of one, in this process: the model loads here and requests run on the caller's thread."""
+
+    def __init__(self, cfg: WorkerConfig):
+        self.member = GroupMember(cfg)
+        self.info, self.describe = self.member.worker.info, self.member.worker.describe()
+
+    def run(self, req: GenerationRequest, on_poll=None) -> dict:
+        def on_step(k: int, n: int) -> None:
+            if on_poll is not None and on_poll(k, n):
+                raise Cancelled()
+
+        return self.member.run(req, on_step=on_step)
+
+    def health(self) -> list[dict]:
+        return [{"rank": 0, "alive": True, **self.member.health()}]
+
+    def shutdown(self) -> None:
+        self.member = None
+
+
+def render_local(batch, cfg: WorkerConfig):
+    """torchrun (or one process): the world is cfg.dp worker groups, lines dealt round-robin over them (`batch`:
+    an engine.serving.batch.Batch).
+    Every rank of a group runs each of its lines; the leader writes; rank 0 ends up with every outcome.
+    Returns this process's parallel context."""
+    import torch.distributed as dist
+
+    member = GroupMember(cfg)
+    ctx = member.worker.ctx
+    ctx.barrier()  # every rank has planned before any rank writes: all saw the same complete lines
+    group, groups = ctx.axis_rank("dp"), ctx.degrees.dp
+    if ctx.is_main:
+        batch.watch([i for n, i in enumerate(batch.pending) if n % groups != group])
+    for item in batch.pending[group::groups]:
+        try:
+            result = member.run(batch.request(item, member.worker.info.family))
+        except UserError as e:  # every rank of the group rejects the line alike
+            if ctx.is_leader:
+                batch.failed(item, str(e))
+            continue
+        except Exception as e:
+            if ctx.degrees.replica > 1:
+                raise  # the group's other ranks may wait in a collective: stop; a re-run resumes
+            batch.failed(item, one_line(e))
+            continue
+        if ctx.is_leader:
+            try:
+                batch.done(item, result)
+            except OSError as e:  # disk full, permissions: this line fails, the group goes on together
+                batch.failed(item, f"cannot write the outputs: {e}")
+    if ctx.is_distributed:
+        parts = [None] * ctx.world_size if ctx.is_main else None
+        dist.gather_object((batch.rendered, batch.errors), parts, dst=0)
+        if ctx.is_main:
+            batch.rendered = [i for done, _ in parts for i in done]
+            batch.errors = [e for _, errors in parts for e in errors]
+    destroy_parallel()
+    return ctx

@@ -24,13 +24,14 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.runtime.request import UserError
-from engine.runtime.worker import Cancelled, WorkerConfig
+from engine.errors import Cancelled, GroupFailed, UserError, one_line
+from engine.runtime.worker import WorkerConfig
 
 from .api import create_app
-from .executor import GroupFailed, GroupMember, ranks_of
+from .config import ServeConfig
+from .executor import GroupMember, ranks_of
 from .jobs import JobStore
-from .service import ServeConfig, VideoService
+from .service import VideoService
 
 # Replicas and workers import this repository; a checkout that is not pip-installed must still be found.
 # (On a multi-node cluster the checkout, or the installed package, must be at the same path on every node.)
@@ -75,7 +76,9 @@ def use_gpus(device: str) -> bool:
     return device != "cpu"
 
 
-class WorkerGroup:
+class RayExecutor:
+    """A worker group of N ranks on a Ray cluster (engine/serving/executor.py's Executor)."""
+
     def __init__(self, cfg: WorkerConfig, gpus: bool, timeout_s: float = 900):
         ranks = ranks_of(cfg)
         cfg = dataclasses.replace(cfg, ulysses=cfg.ulysses or 1, dp=1)  # the group is a world of its own
@@ -185,10 +188,7 @@ class WorkerGroup:
 
 def _first_line(e: Exception) -> str:
     """A one-line reason: a task's own exception rather than Ray's traceback wrapper."""
-    if isinstance(e, RayTaskError):
-        e = e.cause
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    return one_line(e.cause if isinstance(e, RayTaskError) and e.cause is not None else e)
 
 
 # ---- Serve ------------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class VideoDeployment:
     def __init__(self, config: ServeConfig):
         gpus = use_gpus(config.model.device)
         self.service = VideoService(
-            config, lambda: WorkerGroup(config.model, gpus), store=shared_store(config.serve.output_dir)
+            config, lambda: RayExecutor(config.model, gpus), store=shared_store(config.serve.output_dir)
         )
 
     def __serve_build_asgi_app__(self):
@@ -278,7 +278,7 @@ def render_on_ray(batch, cfg: WorkerConfig, groups: int | None, address: str | N
         raise UserError(f"the Ray cluster has room for {fit} render group(s) of {ranks} {kind}(s), not {groups}")
 
     def drive(_):
-        group = WorkerGroup(cfg, gpus)
+        group = RayExecutor(cfg, gpus)
         try:
             while (item := batch.next_item()) is not None:
                 try:
@@ -291,7 +291,7 @@ def render_on_ray(batch, cfg: WorkerConfig, groups: int | None, address: str | N
                     if isinstance(e, GroupFailed):
                         group.shutdown()
                         group = None
-                        group = WorkerGroup(cfg, gpus)  # if this fails, the other groups take the rest
+                        group = RayExecutor(cfg, gpus)  # if this fails, the other groups take the rest
         except Exception:  # the group cannot be rebuilt: its lines stay queued ('not_run' in the summary)
             return
         finally:

@@ -10,21 +10,14 @@ image file, relative to the manifest's folder, and it is embedded in the request
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
+from engine.errors import FieldError, UserError
+from engine.models.wan import RESOLUTIONS
 from engine.runtime import images
 from engine.runtime.presets import PRESETS, build_fis
-from engine.runtime.request import (
-    MAX_FRAMES,
-    MAX_SIDE,
-    RESOLUTIONS,
-    GenerationRequest,
-    ModelInfo,
-    UserError,
-    check_fis,
-    validate,
-)
+from engine.runtime.request import MAX_FRAMES, MAX_SIDE, GenerationRequest, ModelInfo, validate
 from fis import FISConfig, FISConfigError
 
 FIELDS = (
@@ -45,16 +38,8 @@ FIS_OVERRIDES = ("stride", "blocks", "dense_steps", "operator")
 FIS_NAMES = ("off", *PRESETS)
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a file name on every OS: no separators, no leading dot
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
-# engine.runtime.request.validate names its own fields; these are their names in the JSON
+# engine.runtime.request.validate names fields as the engine does; their names in the JSON where they differ
 _JSON_NAME = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
-
-
-class FieldError(UserError):
-    """A bad value in one field of a request; `field` is its JSON name (dotted inside 'fis')."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -115,18 +100,11 @@ def parse(
 
 
 def check_for(req: GenerationRequest, info: ModelInfo) -> GenerationRequest:
-    """engine.runtime.request.validate against the loaded model, with the failing JSON field named: everything but
-    FIS first (its messages start with the field), then FIS on its own."""
+    """engine.runtime.request.validate against the loaded model, the failing field under its JSON name."""
     try:
-        full = replace(validate(replace(req, fis=None), info), fis=req.fis)
-    except UserError as e:
-        first = str(e).split(" ", 1)[0]
-        raise FieldError(_JSON_NAME.get(first, first if first in FIELDS else "request"), str(e)) from None
-    try:
-        check_fis(full, info)
-    except UserError as e:
-        raise FieldError("fis", str(e)) from None
-    return full
+        return validate(req, info)
+    except UserError as e:  # validate names the field, in the engine's names
+        raise FieldError(_JSON_NAME.get(e.field, e.field or "request"), str(e)) from None
 
 
 def api_view(d: dict) -> dict:

@@ -1,6 +1,6 @@
 """Procedural videos with prompts from a small grammar, and the check that a video obeys its prompt.
 
-The data of the embedded model (issue 6): "a red circle moving right quickly on a dark background".
+The data of the embedded model: "a red circle moving right quickly on a dark background".
 A video is one shape of one named colour crossing a plain or textured background in a straight line at a
 named speed. `adherence` reads a video back (colour mask, centroid track) so prompt adherence is measured
 by analysing frames, with no learned metric.

@@ -12,12 +12,9 @@ from pathlib import Path
 
 import torch
 
+from engine.models.random import VOCAB_TEXT as _WORDS
+
 VARIANTS = ("t2v", "i2v")
-_WORDS = (
-    "a the an of on in with and at to over under moving left right up down quickly slowly red green blue "
-    "yellow white black orange purple circle square triangle ball cat dog car bird tree sky sea city night "
-    "day dark light background bright small large video of walking running flying driving"
-)
 _SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"]
 TEXT_DIM, GLYPH_DIM, IMAGE_DIM = 32, 16, 16  # Qwen2.5-VL hidden, ByT5 d_model, SigLIP hidden
 

@@ -15,27 +15,9 @@ from pathlib import Path
 
 import torch
 
+from engine.models.random import build_tokenizer
+
 VARIANTS = ("t2v", "a14b", "ti2v", "i2v")
-_VOCAB_TEXT = (
-    "a the an of on in with and at to over under moving left right up down quickly slowly red green blue "
-    "yellow white black orange purple circle square triangle ball cat dog car bird tree sky sea city night "
-    "day dark light background bright small large video of walking running flying driving"
-)
-
-
-def build_tokenizer(max_length: int = 32, vocab_text: str = _VOCAB_TEXT):
-    """A word-level tokenizer trained offline with `tokenizers`, wrapped for transformers."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"])
-    tok.train_from_iterator([vocab_text], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
-    )
 
 
 def build_pipeline(variant: str = "t2v", seed: int = 0, num_layers: int = 6):

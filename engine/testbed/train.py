@@ -1,4 +1,4 @@
-"""Training the embedded model (issue 6): a small Wan-architecture video DiT on procedural shapes videos.
+"""Training the embedded model: a small Wan-architecture video DiT on procedural shapes videos.
 
 Three stages, all seeded, into one ordinary WanPipeline folder:
   1. the latent space: a linear patch VAE (engine/models/patch_vae.py: PCA of 4x4x4 pixel patches, x4 spatial and x4
@@ -74,8 +74,7 @@ def build_pipeline(cfg: TrainConfig):
     from transformers import UMT5Config, UMT5EncoderModel
 
     from engine.models.patch_vae import PatchVAE
-
-    from .tiny_wan import build_tokenizer
+    from engine.models.random import build_tokenizer
 
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(max_length=cfg.text_len, vocab_text=VOCAB)

@@ -1,0 +1,61 @@
+"""Everything the engine uses of diffusers and torch that they do not promise (private names), in one file, so a
+version bump is a one-file diff. A leaf like engine/errors.py: every layer, parallel/ included, may import it.
+Pinned against diffusers 0.42.1 and torch 2.11-2.13."""
+
+from __future__ import annotations
+
+# diffusers: the attention backend registry (process-wide active backend, per-backend requirement checks)
+from diffusers.hooks.hooks import BaseState, StateManager  # noqa: F401  stateful hooks (CFG parallelism)
+from diffusers.hooks.mag_cache import _MAG_CACHE_LEADER_BLOCK_HOOK as MAG_CACHE_LEADER_BLOCK_HOOK  # noqa: F401
+from diffusers.models._modeling_parallel import ParallelConfig  # noqa: F401  what enable_parallelism takes
+from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry as _Registry
+
+
+def active_backend():
+    """The process-wide active attention backend (what a processor without its own backend uses)."""
+    return _Registry._active_backend
+
+
+def set_active_backend(backend) -> None:
+    _Registry.set_active_backend(backend)
+
+
+def default_backend_name() -> str:
+    return _Registry.get_active_backend()[0]
+
+
+def check_backend_requirements(name: str) -> None:
+    """Raise (diffusers' message) if the backend's package or hardware is missing."""
+    _check_attention_backend_requirements(AttentionBackendName(name))
+
+
+def supports_context_parallel(name: str) -> bool:
+    return _Registry._is_context_parallel_available(AttentionBackendName(name))
+
+
+def keep_in_fp32_modules(model) -> list[str]:
+    """The module names a diffusers model keeps in fp32 when loaded in bf16 (norms, modulation, time embedder)."""
+    return list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
+def flatten_group(mesh):
+    """The process group of a multi-dimensional DeviceMesh slice taken as one dimension."""
+    return mesh._flatten().get_group()
+
+
+def dynamo_config():
+    import torch._dynamo
+
+    return torch._dynamo.config
+
+
+def dynamo_counters():
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+def reset_stateful_cache(model) -> None:
+    """Drop what stateful diffusers hooks (MagCache residuals) kept from the previous generation."""
+    model._reset_stateful_cache()
