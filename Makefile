@@ -1,5 +1,6 @@
-# Two entry points (see README): `make demo` renders a video with the embedded model, `make test` runs the tests.
-# Both create .venv and install what they need; no model weights are ever downloaded.
+# Two entry points (see README): `make demo` renders a video with the embedded model, `make test` runs the checks
+# and the tests (what CI runs: .ci/run). Both create .venv and install what they need; no model weights are ever
+# downloaded. `make test-fast`: the in-process tests only, for the inner loop.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -22,7 +23,15 @@ demo: $(STAMP)
 	$(PY) launch/generate.py --prompt "a red circle moving right quickly on a dark background" \
 		--fis off --output outputs/demo-dense.mp4
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+
+test: lint
 	$(PY) -m pytest -q
 
-.PHONY: install demo test
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+.PHONY: install demo lint test test-fast

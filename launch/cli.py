@@ -1,0 +1,48 @@
+"""The `fis` console command (installed with the package): one command, the launch scripts as subcommands, with
+exactly their flags.
+
+    fis generate --prompt "a red circle moving right" --fis balanced --output out.mp4
+    fis serve --config my-serve.toml serve.port=8080
+    fis render prompts.jsonl --output-dir out/
+    fis bench --tiny          fis profile run ...          fis eval --out eval/
+    torchrun --nproc_per_node=2 -m launch.cli generate --ulysses 2 --prompt "..."   # several processes
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": ("launch.generate", "one video (torchrun: over several processes)"),
+    "serve": ("launch.serve", "the HTTP endpoint on Ray Serve"),
+    "render": ("launch.render", "a JSONL manifest, one video per line"),
+    "bench": ("launch.bench", "the GPU benchmark on real-size random-weight models"),
+    "profile": ("launch.profile_fis", "the paper's measurements on a model; calibrate a preset"),
+    "eval": ("launch.eval", "fidelity of FIS against dense on the embedded model's grammar"),
+    "train": ("launch.train_shapes", "train the embedded model"),
+    "sp-bench": ("launch.sp_bench", "the sequence-parallel benchmark (under torchrun)"),
+}
+
+
+def usage() -> str:
+    rows = "\n".join(f"  {name:<9} {help}" for name, (_, help) in COMMANDS.items())
+    return f"usage: fis COMMAND [flags]   (fis COMMAND --help for its flags)\n\ncommands:\n{rows}\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), end="")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fis: error: unknown command {name!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    rc = module.main(rest)  # some return their report: a script's exit status is 0 then
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
