@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,48 +24,59 @@ def tiny_path():
     return lambda variant="t2v": ensure_tiny(variant)
 
 
-def run_cli(script: str, *args, nproc: int | None = None, cwd=None, timeout=300):
-    """launch/<script> in a subprocess; nproc: under torchrun with that many processes (gloo on CPU)."""
-    import subprocess
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    torchrun = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run(
-        [sys.executable, *torchrun, str(ROOT / "launch" / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=timeout,
-    )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# One spawned gloo world per size for the whole run, serving tests/test_parallel.py and test_parallel_hunyuan.py
+# (starting a world of CPU processes costs more than most scenarios): tests/scenarios.py.
+WORLD_SCENARIOS = {
+    2: [
+        "attention_slices",
+        "transformer_sp",
+        "pipeline_sp",
+        "pipeline_sp_a14b",
+        "cfg_parallel",
+        "ring_on_cpu",
+        "hunyuan_sp",
+        "hunyuan_cfg",
+    ],
+    4: ["attention_slices", "transformer_sp_4heads", "cfg_parallel", "bad_heads", "hunyuan_sp", "hunyuan_cfg"],
+}
 
 
-def tiny_hunyuan_transformer(heads: int = 2):
-    """A tiny random HunyuanVideo15Transformer3DModel (5 dual-stream blocks), seed 0."""
-    from diffusers import HunyuanVideo15Transformer3DModel
+@pytest.fixture(scope="session")
+def spawned(tmp_path_factory):
+    """spawned(world, scenario) -> its metrics; the first call for a world size runs all of that world's scenarios."""
+    import scenarios
 
-    torch.manual_seed(0)
-    return HunyuanVideo15Transformer3DModel(
-        in_channels=9,
-        out_channels=4,
-        num_attention_heads=heads,
-        attention_head_dim=16,
-        num_layers=5,
-        num_refiner_layers=1,
-        text_embed_dim=16,
-        text_embed_2_dim=8,
-        image_embed_dim=8,
-        rope_axes_dim=(4, 6, 6),
-        target_size=32,
-    ).eval()
+    cache: dict[int, dict] = {}
+
+    def get(world: int, name: str) -> dict:
+        if world not in cache:
+            cache[world] = scenarios.run_world(world, WORLD_SCENARIOS[world], tmp_path_factory.mktemp(f"world{world}"))
+        r = cache[world][name]
+        assert "error" not in r, r.get("error")
+        return r
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole run (the Serve tests and batch rendering on Ray share it)."""
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+# Tests that start processes (spawned gloo worlds, a Ray cluster, a wheel build) are `slow`: `make test-fast` leaves
+# them out, CI runs everything.
+_PROCESS_FIXTURES = {"spawned", "results", "sp_results", "client", "installed", "ray_cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if _PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,13 @@
-"""Scenarios for tests/test_parallel.py, run inside every spawned process (gloo, CPU).
+"""Multi-process scenarios of tests/test_parallel.py and tests/test_parallel_hunyuan.py, run inside every
+process of a spawned gloo world (CPU). One world per size serves both modules (tests/conftest.py: `spawned`).
 
 Each scenario runs the single-process reference and the parallel run of the same model in the same process and
 returns {metric: value}; float metrics are max-reduced over ranks, so rank 0 records the worst rank.
+
+A scenario that fails on any rank stops that rank at once: it writes its traceback to rank<r>.error and exits, so
+the other ranks' collectives fail within seconds (a closed gloo connection) instead of waiting for the timeout,
+and the test that reads the scenario reports the failing rank's own traceback. The driver then starts a new world
+for the scenarios left.
 """
 
 from __future__ import annotations
@@ -10,9 +16,11 @@ import json
 import os
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from helpers import bare_transformer, diff, hunyuan_run, tiny_hunyuan_transformer
 
 LATENT = {"even": (17, 64), "odd": (17, 48)}  # (num_frames, pixels): 5 latent frames of 4x4 / 3x3 tokens
 PROMPT = {"prompt": "a red ball moving left", "negative_prompt": "dark blue sky"}
@@ -24,10 +32,6 @@ def _quiet():
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
-
-
-def _diff(a, b) -> float:
-    return (a - b).abs().max().item()
 
 
 def _ctx(**degrees):
@@ -42,23 +46,12 @@ def _fis(operator="residual", dense_steps=0):
     return FISConfig(stride=2, dense_head=1, dense_tail=1, dense_steps=dense_steps, operator=operator)
 
 
-def _bare_transformer(heads: int):
-    """A tiny Wan transformer with `heads` heads (the tiny pipelines have 2: too few for ulysses=4)."""
-    from diffusers import WanTransformer3DModel
+SCENARIOS = {}
 
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=heads,
-        attention_head_dim=32 // heads,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=4,
-        rope_max_seq_len=64,
-    ).eval()
+
+def scenario(fn):
+    SCENARIOS[fn.__name__] = fn
+    return fn
 
 
 def _generate(pipe, state=None, guidance=1.0, frames=17, size=64, steps=3, embeds=None):
@@ -81,6 +74,7 @@ def _generate(pipe, state=None, guidance=1.0, frames=17, size=64, steps=3, embed
 
 
 # ---- scenarios --------------------------------------------------------------------------------------------
+@scenario
 def attention_slices():
     """Each rank's Ulysses output equals its slice of full attention, for every layout (ParaAttention style)."""
     from diffusers import ContextParallelConfig
@@ -102,10 +96,11 @@ def attention_slices():
             shard = SequenceShard(ctx, mode, cp)
             shard.begin(frames, hw)
             local = dispatch_attention_fn(*(shard.layout.local(x, 1) for x in (q, k, v)), parallel_config=config)
-            out[f"{mode}_{frames}x{hw}"] = _diff(local, shard.layout.local(full, 1))
+            out[f"{mode}_{frames}x{hw}"] = diff(local, shard.layout.local(full, 1))
     return out
 
 
+@scenario
 def transformer_sp(heads=2):
     """Transformer forward: dense and FIS (both operators), both layouts, even and uneven token counts."""
     from engine.hooks.fis import apply_fis, remove_fis
@@ -113,7 +108,7 @@ def transformer_sp(heads=2):
     from parallel import parallelize_transformer
 
     ctx = _ctx(ulysses=dist.get_world_size())
-    tr = build_pipeline("t2v").transformer if heads == 2 else _bare_transformer(heads)
+    tr = build_pipeline("t2v").transformer if heads == 2 else bare_transformer(heads)
     torch.manual_seed(1)
     text = torch.randn(1, 512, 32)
     out = {}
@@ -133,12 +128,12 @@ def transformer_sp(heads=2):
             ref = run()
             tag = "x".join(map(str, shape)) + f"_{fis or 'dense'}"
             if fis:
-                out[f"fis_effect_{tag}"] = _diff(ref, dense)  # FIS really ran (not dense by accident)
+                out[f"fis_effect_{tag}"] = diff(ref, dense)  # FIS really ran (not dense by accident)
             for mode in ("spatial", "frame"):
                 handle = parallelize_transformer(tr, ctx, shard=mode)
-                out[f"{mode}_{tag}"] = _diff(run(), ref)
+                out[f"{mode}_{tag}"] = diff(run(), ref)
                 handle.remove()
-            out[f"removed_{tag}"] = _diff(run(), ref)
+            out[f"removed_{tag}"] = diff(run(), ref)
             if fis:
                 remove_fis(tr)
     # frame layout with FIS attached after parallelism: a clear error, not silently wrong frames
@@ -154,10 +149,12 @@ def transformer_sp(heads=2):
     return out
 
 
+@scenario
 def transformer_sp_4heads():
     return transformer_sp(heads=4)
 
 
+@scenario
 def pipeline_sp(variant="ti2v"):
     """Whole pipeline (scheduler, per-token timesteps for TI2V, both experts for A14B), FIS with a dense last step."""
     from engine.hooks.fis import apply_fis, remove_fis
@@ -180,10 +177,10 @@ def pipeline_sp(variant="ti2v"):
                     apply_fis(pipe.transformer_2, None, state)
             ref = _generate(pipe, state, guidance, frames, px)
             if fis:
-                out[f"fis_effect_{size}"] = _diff(ref, dense)
+                out[f"fis_effect_{size}"] = diff(ref, dense)
             for mode in ("spatial", "frame"):
                 handle = parallelize_pipeline(pipe, ctx, shard=mode)
-                out[f"{mode}_{size}_{'fis' if fis else 'dense'}"] = _diff(
+                out[f"{mode}_{size}_{'fis' if fis else 'dense'}"] = diff(
                     _generate(pipe, state, guidance, frames, px), ref
                 )
                 handle.remove()
@@ -194,10 +191,12 @@ def pipeline_sp(variant="ti2v"):
     return out
 
 
+@scenario
 def pipeline_sp_a14b():
     return pipeline_sp("a14b")
 
 
+@scenario
 def cfg_parallel():
     """guidance > 1 with a cfg degree 2 (x the rest as ulysses) equals serial CFG on one process, and each rank
     runs the transformer once per step instead of twice."""
@@ -224,17 +223,18 @@ def cfg_parallel():
             handle = parallelize_pipeline(pipe, ctx, shard=mode)
             tag = f"{mode}_{'fis' if fis else 'dense'}"
             calls[0] = 0
-            out[f"cfg_{tag}"] = _diff(_generate(pipe, state, guidance=4.0), ref)
+            out[f"cfg_{tag}"] = diff(_generate(pipe, state, guidance=4.0), ref)
             out[f"calls_{tag}"] = float(calls[0])  # 3 steps: 3 forwards per rank, not 6
-            out[f"nocfg_{tag}"] = _diff(_generate(pipe, state, guidance=1.0), no_cfg)  # guidance 1: no split
-            out[f"embeds_{tag}"] = _diff(_generate(pipe, state, guidance=4.0, embeds=embeds), ref_embeds)
+            out[f"nocfg_{tag}"] = diff(_generate(pipe, state, guidance=1.0), no_cfg)  # guidance 1: no split
+            out[f"embeds_{tag}"] = diff(_generate(pipe, state, guidance=4.0, embeds=embeds), ref_embeds)
             handle.remove()
-        out[f"removed_{'fis' if fis else 'dense'}"] = _diff(_generate(pipe, state, guidance=4.0), ref)
+        out[f"removed_{'fis' if fis else 'dense'}"] = diff(_generate(pipe, state, guidance=4.0), ref)
         if fis:
             remove_fis(pipe.transformer)
     return out
 
 
+@scenario
 def bad_heads():
     """ulysses 4 on a 2-head model: a clear ValueError before anything is attached."""
     from engine.testbed.tiny_wan import build_pipeline
@@ -249,6 +249,7 @@ def bad_heads():
     return {"message": "no error"}
 
 
+@scenario
 def ring_on_cpu():
     from parallel import Degrees, init_parallel
 
@@ -259,30 +260,134 @@ def ring_on_cpu():
     return {"message": "no error"}
 
 
-SCENARIOS = {
-    f.__name__: f
-    for f in (
-        attention_slices,
-        transformer_sp,
-        transformer_sp_4heads,
-        pipeline_sp,
-        pipeline_sp_a14b,
-        cfg_parallel,
-        bad_heads,
-        ring_on_cpu,
-    )
-}
+# ---- HunyuanVideo 1.5 -------------------------------------------------------------------------------------
+HY_SHAPES = ((6, 4, 6), (7, 3, 5))  # latent [F, H, W]: even for 2 ranks in both layouts; 7 frames / 15 tokens: not
+HY_TEXTS = ("padded", "trimmed", "full", "batch")
 
 
-def main(rank: int, world: int, port: int, out_path: str, names: list[str]) -> None:
+def _hy_fis():
+    from fis import FISConfig
+
+    return FISConfig(stride=3, dense_head=1, dense_tail=1)
+
+
+@scenario
+def hunyuan_sp():
+    """Both layouts x (padded text, padded text trimmed, no padding, a batch of unequal prompts) x dense / FIS x
+    even / uneven token counts (the text splits unevenly too: 5 valid tokens over 2 ranks)."""
+    from engine.hooks.fis import apply_fis, remove_fis
+    from engine.models.hunyuan15 import drop_text_padding
+    from parallel import parallelize_transformer
+
+    world = dist.get_world_size()
+    ctx = _ctx(ulysses=world)
+    m, out = tiny_hunyuan_transformer(heads=world), {}
+    for shape in HY_SHAPES if world == 2 else HY_SHAPES[1:]:  # 4 ranks (time): the uneven shape, no mask and a key mask
+        for text in HY_TEXTS if world == 2 else HY_TEXTS[1::2]:
+            given = "padded" if text == "trimmed" else text
+            dense = hunyuan_run(m, shape, given)  # diffusers' own attention, dense mask
+            for fis in (False, True):
+                if fis:
+                    apply_fis(m, _hy_fis()).begin(4)
+                ref = hunyuan_run(m, shape, given) if fis else dense
+                tag = f"{'x'.join(map(str, shape))}_{text}_{'fis' if fis else 'dense'}"
+                if fis:
+                    out[f"fis_effect_{tag}"] = diff(ref, dense)  # FIS really ran
+                for mode in ("spatial", "frame"):
+                    undo = drop_text_padding(m) if text == "trimmed" else None  # FIS, trim, then parallelism
+                    handle = parallelize_transformer(m, ctx, shard=mode)
+                    out[f"{mode}_{tag}"] = diff(hunyuan_run(m, shape, given), ref)
+                    handle.remove()
+                    if undo:
+                        undo()
+                out[f"removed_{tag}"] = diff(hunyuan_run(m, shape, given), ref)
+                if fis:
+                    remove_fis(m)
+    return out
+
+
+@scenario
+def hunyuan_cfg():
+    """The tiny HunyuanVideo 1.5 pipeline (guider-driven CFG) with a cfg degree 2 (x ulysses on 4 processes)
+    equals serial CFG on one process: dense and FIS, padding kept and dropped (the Worker drops it), and a guider
+    whose CFG starts at the second step (step 0 has no uncond call). One transformer call per step per rank."""
+    from diffusers import ClassifierFreeGuidance
+
+    from engine.hooks.fis import apply_fis, remove_fis
+    from engine.models import family_of
+    from engine.models.hunyuan15 import drop_text_padding
+    from engine.runtime.pipelines import PipelineCall
+    from engine.testbed.tiny_hunyuan import build_pipeline
+    from parallel import parallelize_pipeline
+
+    world = dist.get_world_size()
+    ctx = _ctx(cfg=2, ulysses=world // 2)
+    pipe = build_pipeline("t2v")
+    pipe.set_progress_bar_config(disable=True)
+    calls, out = [0], {}
+    pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    steps = 3
+
+    def generate(state):
+        if state is not None:
+            state.begin(steps)
+        with (
+            PipelineCall(pipe, family_of(pipe.transformer)).on_step_end(
+                state.step_callback if state else lambda *a: {}
+            ) as kw,
+            torch.no_grad(),
+        ):
+            return pipe(
+                prompt="a red circle moving left",
+                negative_prompt="blurry",
+                height=32,
+                width=48,
+                num_frames=17,
+                num_inference_steps=steps,
+                output_type="latent",
+                generator=torch.Generator().manual_seed(0),
+                **kw,
+            ).frames
+
+    dense = {}
+    for guider in ("all", "late"):
+        pipe.guider = ClassifierFreeGuidance(guidance_scale=4.0, start=0.0 if guider == "all" else 0.34)
+        for fis in (False, True):
+            state = apply_fis(pipe.transformer, _hy_fis()) if fis else None
+            for trim in (False, True):
+                undo = drop_text_padding(pipe.transformer) if trim else None
+                calls[0] = 0
+                ref = generate(state)
+                serial_calls = calls[0]
+                handle = parallelize_pipeline(pipe, ctx)
+                tag = f"{guider}_{'fis' if fis else 'dense'}_{'trim' if trim else 'mask'}"
+                calls[0] = 0
+                out[f"cfg_{tag}"] = diff(generate(state), ref)
+                out[f"calls_{tag}"] = float(calls[0])  # forwards per rank
+                out[f"serial_calls_{tag}"] = float(serial_calls)
+                handle.remove()
+                out[f"removed_{tag}"] = diff(generate(state), ref)
+                if undo:
+                    undo()
+            if fis:
+                out[f"fis_effect_{guider}"] = diff(ref, dense[guider])
+                remove_fis(pipe.transformer)
+            else:
+                dense[guider] = ref
+    return out
+
+
+def main(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:
+    """One rank: every scenario in `names`, in order. Rank 0 appends each finished scenario's metrics to
+    out_dir/results.jsonl; a rank whose scenario raised writes out_dir/rank<r>.error and exits."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
     _quiet()
-    # our own init, for the short timeout: a scenario failing on one rank fails the test instead of hanging
+    # our own init, for the short timeout: a scenario that hangs fails the test instead of the run
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    results = {}
+    out = Path(out_dir)
     for name in names:
         try:
             values = SCENARIOS[name]()
@@ -291,12 +396,44 @@ def main(rank: int, world: int, port: int, out_path: str, names: list[str]) -> N
                     t = torch.tensor([v], dtype=torch.float64)
                     dist.all_reduce(t, op=dist.ReduceOp.MAX)
                     values[key] = t.item()
-            results[name] = values
-        except Exception:  # noqa: BLE001 - any failure is reported by the test that reads it
-            results[name] = {"error": traceback.format_exc()}
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
+        except Exception:  # noqa: BLE001 - reported by the test that reads this scenario
+            (out / f"rank{rank}.error").write_text(f"{name}\n{traceback.format_exc()}")
+            os._exit(1)  # the other ranks' collectives now fail at once; the driver reads the file
+        if rank == 0:
+            with open(out / "results.jsonl", "a") as f:
+                f.write(json.dumps({"name": name, "values": values}) + "\n")
     from parallel import destroy_parallel
 
     destroy_parallel()
+
+
+def run_world(world: int, names: list[str], out_dir: Path) -> dict:
+    """{scenario: metrics} for `names` in spawned worlds of `world` gloo processes: one world for all of them, and a
+    new one for the rest after a scenario fails (its entry is then {'error': every failing rank's traceback})."""
+    import torch.multiprocessing as mp
+    from helpers import free_port
+
+    results, todo, attempt = {}, list(names), 0
+    while todo:
+        run_dir = out_dir / f"run{attempt}"
+        run_dir.mkdir(parents=True)
+        try:
+            mp.spawn(main, args=(world, free_port(), str(run_dir), todo), nprocs=world)
+        except Exception:  # noqa: BLE001 - a rank exited: its .error file says why
+            pass
+        done = run_dir / "results.jsonl"
+        for line in done.read_text().splitlines() if done.exists() else []:
+            r = json.loads(line)
+            results[r["name"]] = r["values"]
+        left = [n for n in todo if n not in results]
+        if not left:
+            break
+        failed = left[0]
+        errors = [(e.stem, *e.read_text().split("\n", 1)) for e in sorted(run_dir.glob("rank*.error"))]
+        mine = [(rank, tb) for rank, name, tb in errors if name == failed]
+        # the rank whose own code raised comes first; the others only saw their peer's connection go away
+        mine.sort(key=lambda e: ("Connection closed" in e[1] or "Connection reset" in e[1], e[0]))
+        report = "\n".join(f"{rank}: {tb}" for rank, tb in mine)
+        results[failed] = {"error": report or f"the world of {world} processes died in {failed}"}
+        todo, attempt = left[1:], attempt + 1
+    return results

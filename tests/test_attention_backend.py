@@ -2,7 +2,7 @@
 
 import pytest
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-from parallel_worker import _bare_transformer
+from helpers import bare_transformer
 
 from engine.hooks.attention_backend import set_attention_backend
 
@@ -14,7 +14,7 @@ def _processors(module):
 
 
 def _tiny():
-    return _bare_transformer(heads=2)
+    return bare_transformer(heads=2)
 
 
 @pytest.mark.parametrize("on", ["model", "block"])

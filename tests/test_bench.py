@@ -4,10 +4,10 @@ import json
 import math
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from engine.bench.report import append_docs
-from engine.bench.run import ABLATION_ROWS, MAIN_ROWS, ROWS
+from engine.bench.rows import ABLATION_ROWS, MAIN_ROWS, ROWS
 from launch.bench import main
 
 
@@ -113,10 +113,12 @@ def test_a_failing_row_reports_oom_and_leaves_the_models_clean(monkeypatch):
     import torch
     from diffusers.hooks import HookRegistry
 
-    from engine.bench import run as B
+    from engine.bench import rows as B
+    from engine.bench.setup import build_setup
     from engine.hooks.fis import MODEL_HOOK
+    from engine.models.random import MODELS, TINY_VIDEO
 
-    s = B.build_setup(B.MODELS["wan2.2-a14b"].tiny(), torch.device("cpu"), *B.TINY_VIDEO, 4, 0)
+    s = build_setup(MODELS["wan2.2-a14b"].tiny(), torch.device("cpu"), *TINY_VIDEO, 4, 0)
     dense = B.measure_row(s, B.ROWS["Dense"], 0, 1, None)
     real = B.denoise
 

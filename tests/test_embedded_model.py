@@ -1,11 +1,11 @@
-"""The embedded model (issue 6): shipped weights that load offline and make videos that obey their prompt."""
+"""The embedded model: shipped weights that load offline and make videos that obey their prompt."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 
 from engine.evaluation.video_metrics import psnr
 from engine.models.patch_vae import PatchVAE
@@ -62,7 +62,32 @@ def test_fis_balanced_keeps_the_prompt_on_trained_weights(worker):
     assert not np.array_equal(dense, fis)  # FIS did run sparse blocks
     res = shapes.adherence(fis, spec)
     assert res["colour"] and res["direction"], res
-    assert psnr(fis, dense) > 12.0  # a different sample of the same prompt, not noise
+    assert psnr(fis, dense) > 20.8 - 1.0  # measured 20.80 dB on this prompt (2-core CPU); ~1 dB of margin
+
+
+# FIS vs dense on two eval prompts, seed 0, measured on the shipped weights (2-core CPU, fp32): a quality
+# regression of ~1 dB fails. Update with the model (docs/eval holds the full 24-prompt x 2-seed eval).
+GOLDEN = {
+    ("a red circle moving right quickly on a dark background", "FIS-Balanced"): 20.80,
+    ("a red circle moving right quickly on a dark background", "FIS-first-step"): 28.68,
+    ("a green square moving left quickly on a light background", "FIS-Balanced"): 17.83,
+    ("a green square moving left quickly on a light background", "FIS-first-step"): 25.42,
+}
+
+
+_DENSE = {}
+
+
+@pytest.mark.parametrize("prompt, config", sorted(GOLDEN), ids=lambda v: v.split(" on ")[0].replace(" ", "-"))
+def test_fidelity_does_not_regress(worker, prompt, config):
+    from engine.evaluation.fidelity import CONFIGS
+
+    row = {r.name: r for r in CONFIGS}[config]
+    dense = _DENSE.get(prompt)
+    if dense is None:
+        dense = _DENSE[prompt] = _video(worker, prompt)
+    got = psnr(_video(worker, prompt, row.fis(worker.info.family)), dense)
+    assert got >= GOLDEN[prompt, config] - 1.0, f"{config}: {got:.2f} dB, measured {GOLDEN[prompt, config]:.2f} dB"
 
 
 def test_patch_vae_is_an_exact_inverse_with_a_full_basis_and_close_with_the_shipped_one():

@@ -1,4 +1,4 @@
-"""The fidelity harness (issue 6) on the tiny random test pipeline: only the plumbing and the
+"""The fidelity harness on the tiny random test pipeline: only the plumbing and the
 exact identities are checked (dense = dense, stride 1 = dense), never quality."""
 
 import json

@@ -156,7 +156,7 @@ def test_presets_load_for_every_family():
 @pytest.mark.parametrize("operator", ["linear", "residual"])
 def test_fused_reconstruction_matches_eager(operator):
     """The single-pass form the GPU compiles computes what the eager ops compute; anchors stay exact."""
-    from fis.reconstruct import _reconstruct_eager, fused_reconstruct
+    from fis.reconstruct import fused_reconstruct, reconstruct_eager
 
     torch.manual_seed(1)
     B, F, HW, C = 2, 9, 5, 6
@@ -165,7 +165,7 @@ def test_fused_reconstruction_matches_eager(operator):
     A = t.anchors.numel()
     y_a = torch.randn(B, A * HW, C)
     xin = None if operator == "linear" else x
-    ref = _reconstruct_eager(y_a, t, xin)
+    ref = reconstruct_eager(y_a, t, xin)
     out = fused_reconstruct(
         y_a.view(B, A, HW, C),
         None if xin is None else x.view(B, F, HW, C),
@@ -183,7 +183,7 @@ def test_fused_reconstruction_matches_eager(operator):
 @pytest.mark.slow
 def test_fused_reconstruction_compiles():
     """torch.compile of the fused form (what runs on CUDA) gives the same result; here on CPU inductor."""
-    from fis.reconstruct import _reconstruct_eager, fused_reconstruct
+    from fis.reconstruct import fused_reconstruct, reconstruct_eager
 
     torch.manual_seed(2)
     B, F, HW, C = 1, 7, 4, 8
@@ -192,5 +192,5 @@ def test_fused_reconstruction_compiles():
     y_a = torch.randn(B, t.anchors.numel(), HW, C)
     fn = torch.compile(fused_reconstruct, dynamic=False, fullgraph=True)
     out = fn(y_a, x, t.left, t.right, t.a_left, t.a_right, t.weight, t.is_anchor)
-    ref = _reconstruct_eager(y_a.reshape(B, -1, C), t, x.reshape(B, -1, C)).view(B, F, HW, C)
+    ref = reconstruct_eager(y_a.reshape(B, -1, C), t, x.reshape(B, -1, C)).view(B, F, HW, C)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -50,9 +50,10 @@ def test_hunyuanvideo15_dense_matches_paper():
 
 
 def test_hunyuanvideo15_presets_save_flops():
-    from engine.runtime.presets import load_fis, model_family
+    from engine.models import preset_family
+    from engine.runtime.presets import load_fis
 
-    family = model_family({"num_layers": 54, "num_attention_heads": 16, "attention_head_dim": 128})
+    family = preset_family({"num_layers": 54, "num_attention_heads": 16, "attention_head_dim": 128})
     assert family == "hunyuanvideo1.5-8b"
     dense = generation_flops(HUNYUAN_VIDEO_15, 81, 480, 848, 8)
     got = [

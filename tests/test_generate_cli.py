@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 SMALL = ["--height", "32", "--width", "32", "--frames", "17", "--steps", "2"]
 
@@ -103,7 +103,17 @@ def test_bad_input_is_one_clear_line(model, tmp_path, args, msg, capsys):
 
 def test_bad_input_through_a_real_process(model, tmp_path):
     r = run_cli(
-        "generate.py", "--model", model, "--prompt", "a cat", *SMALL, "--frames", "18", "--output", tmp_path / "x.mp4"
+        "generate.py",
+        "--model",
+        model,
+        "--prompt",
+        "a cat",
+        *SMALL,
+        "--frames",
+        "18",
+        "--output",
+        tmp_path / "x.mp4",
+        real=True,
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert (
@@ -144,6 +154,7 @@ def test_torchrun_two_processes_match_one(model, tmp_path, shard):
     )
 
 
+@pytest.mark.slow
 def test_cfg_parallel_without_guidance_says_so(model, tmp_path):
     """--cfg-parallel 2 at guidance 1 works (both groups compute the one branch) and the summary says it was
     wasted; at guidance 4 it is silent."""
@@ -155,6 +166,7 @@ def test_cfg_parallel_without_guidance_says_so(model, tmp_path):
         assert bool(notes) == noted and ("both CFG rank groups computed the same prediction" in r.stdout) == noted
 
 
+@pytest.mark.slow
 def test_torchrun_bad_degrees_fail_before_work(model, tmp_path):
     r = _torchrun(2, "--model", model, "--prompt", "a cat", *SMALL, "--ulysses", "3", "--output", tmp_path / "x.mp4")
     assert r.returncode != 0

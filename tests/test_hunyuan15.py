@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_hunyuan_transformer
+from helpers import tiny_hunyuan_transformer
 
 from engine.hooks.fis import apply_fis, remove_fis
 from fis import FISConfig

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import chunked_body, run_cli
 
-from engine.runtime.request import GenerationRequest, UserError
-from engine.runtime.worker import Cancelled, Worker, WorkerConfig
+from engine.errors import Cancelled, UserError
+from engine.runtime.request import GenerationRequest
+from engine.runtime.worker import Worker, WorkerConfig
 from fis import FISConfig
 
 H, W, FRAMES = 32, 48, 25  # latent 2x3 tokens per frame (VAE x16, patch 1), 7 latent frames
@@ -111,7 +112,7 @@ def test_tiny_tokenizer_crops_at_the_prompt(workers):
 def test_model_info_family_and_flops(workers):
     from diffusers import HunyuanVideo15Transformer3DModel
 
-    from engine.runtime.presets import model_family
+    from engine.models import preset_family
     from fis.flops import HUNYUAN_VIDEO_15, DiTDims
 
     w = workers["t2v"]
@@ -130,9 +131,9 @@ def test_model_info_family_and_flops(workers):
         for k, p in __import__("inspect").signature(HunyuanVideo15Transformer3DModel.__init__).parameters.items()
         if k != "self"
     }
-    assert model_family(real) == "hunyuanvideo1.5-8b"  # the 8B config picks up its presets
+    assert preset_family(real) == "hunyuanvideo1.5-8b"  # the 8B config picks up its presets
     assert DiTDims.from_hunyuan15_config(real) == HUNYUAN_VIDEO_15
-    assert model_family({**real, "num_layers": 40, "num_attention_heads": 40}) == "default"  # not Wan 14B
+    assert preset_family({**real, "num_layers": 40, "num_attention_heads": 40}) == "default"  # not Wan 14B
     assert not workers["t2v"].info.needs_image and workers["i2v"].info.needs_image
 
 
@@ -325,19 +326,14 @@ def test_api_body_limit_holds_without_an_image(app):
     """The image allowance is for the image: other fields still get 413 past serve.max_body_kib (4 KiB here),
     also while a body without Content-Length streams in."""
 
-    def chunks():
-        yield b'{"prompt": "'
-        for _ in range(100):
-            yield b"x" * 1024
-        yield b'"}'
-
-    for kw in ({"json": {"prompt": "x" * 100_000}}, {"content": chunks()}):
+    for kw in ({"json": {"prompt": "x" * 100_000}}, {"content": chunked_body()}):
         r = app.post("/v1/videos", headers={"content-type": "application/json"}, **kw)
         assert r.status_code == 413 and "limit" in r.json()["error"]["message"], r.text
 
 
 def test_decoded_image_limit(images):
-    from engine.serving.schema import FieldError, Limits, parse
+    from engine.errors import FieldError
+    from engine.serving.schema import Limits, parse
 
     with pytest.raises(FieldError, match="the limit is 1 KiB") as e:
         parse({"prompt": "a cat", "image": _b64(images["other"])}, Limits(max_image_kib=1))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.runtime.request import UserError
+from engine.errors import UserError
 from engine.runtime.worker import Worker, WorkerConfig
 
 

@@ -1,45 +1,24 @@
 """parallel/: degrees and layouts in-process; sequence and CFG parallelism in 2 and 4 spawned gloo processes.
 
-The multi-process scenarios live in tests/parallel_worker.py; one spawn per world size runs them all (process
-start-up dominates on CPU) and the tests below read their results.
+The multi-process scenarios live in tests/scenarios.py; one spawn per world size runs them all for this module and
+test_parallel_hunyuan.py (process start-up dominates on CPU) and the tests below read their results.
 """
 
 from __future__ import annotations
 
-import json
-
-import parallel_worker
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
 
 from parallel import Degrees, ParallelContext, TokenLayout, init_parallel, parallelize_pipeline
 
 TOL = 1e-5  # float32; Ulysses changes only the order of the attention sums (spatial) or nothing (frame)
 
-WORLD_SCENARIOS = {
-    2: ["attention_slices", "transformer_sp", "pipeline_sp", "pipeline_sp_a14b", "cfg_parallel", "ring_on_cpu"],
-    4: ["attention_slices", "transformer_sp_4heads", "cfg_parallel", "bad_heads"],
-}
-
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """results(world, scenario) -> its metrics; the first call for a world size spawns it and runs them all."""
-    cache: dict[int, dict] = {}
-
-    def get(world: int, name: str) -> dict:
-        if world not in cache:
-            path = tmp_path_factory.mktemp("parallel") / f"world{world}.json"
-            mp.spawn(parallel_worker.main, args=(world, free_port(), str(path), WORLD_SCENARIOS[world]), nprocs=world)
-            cache[world] = json.loads(path.read_text())
-        r = cache[world][name]
-        assert "error" not in r, r.get("error")
-        return r
-
-    return get
+def results(spawned):
+    """results(world, scenario) -> its metrics (one spawned world per size for the whole run: conftest.py)."""
+    return spawned
 
 
 def _assert_close(r: dict, prefix: str = "") -> None:

@@ -6,172 +6,25 @@ Every parallel output is compared with the single-process output of the unmodifi
 
 from __future__ import annotations
 
-import json
-
-import parallel_worker
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import free_port, tiny_hunyuan_transformer
+from helpers import hunyuan_run, tiny_hunyuan_transformer
+from scenarios import HY_SHAPES as SHAPES
+from scenarios import HY_TEXTS as TEXTS
 
 from engine.hooks.fis import apply_fis, remove_fis
+from engine.models.hunyuan15 import JointAttention, drop_text_padding, install_joint_attention
 from fis import FISConfig
-from parallel import Degrees, ParallelContext, drop_text_padding, parallelize_transformer
-from parallel.joint import JointAttention, install_joint_attention
+from parallel import Degrees, ParallelContext, parallelize_transformer
 
 TOL = 1e-5
-SHAPES = ((6, 4, 6), (7, 3, 5))  # latent [F, H, W]: even for 2 ranks in both layouts; 7 frames / 15 tokens: not
-TEXTS = ("padded", "trimmed", "full", "batch")
 FIS = FISConfig(stride=3, dense_head=1, dense_tail=1)
 
 
-def _inputs(shape, text: str):
-    """text: 'padded' (t2v: padded Qwen and ByT5 tokens, zero image = 4 padded tokens: 5 of 12 valid), 'full'
-    (i2v: every token valid, so no mask) or 'batch' (two padded prompts of different lengths: a key mask)."""
-    g = torch.Generator().manual_seed(1)
-    batch = 2 if text == "batch" else 1
-    mask, mask_2 = torch.ones(batch, 5, dtype=torch.long), torch.ones(batch, 3, dtype=torch.long)
-    if text != "full":
-        mask[:, 3:], mask_2[:, 2:] = 0, 0
-        mask[1:, 1:] = 0  # the second prompt is shorter
-    image = torch.randn(batch, 4, 8, generator=g) * (text == "full")
-    args = (
-        torch.randn(batch, 9, *shape, generator=g),
-        torch.tensor([600.0] * batch),
-        torch.randn(batch, 5, 16, generator=g),
-        mask,
-    )
-    return args, {
-        "encoder_hidden_states_2": torch.randn(batch, 3, 8, generator=g),
-        "encoder_attention_mask_2": mask_2,
-        "image_embeds": image,
-        "return_dict": False,
-    }
-
-
-@torch.no_grad()
-def _run(m, shape, text):
-    args, kw = _inputs(shape, text)
-    return m(*args, **kw)[0]
-
-
-# ---- 2 processes -------------------------------------------------------------------------------------------
-def hunyuan_sp():
-    """Both layouts x (padded text, padded text trimmed, no padding, a batch of unequal prompts) x dense / FIS x
-    even / uneven token counts (the text splits unevenly too: 5 valid tokens over 2 ranks)."""
-    diff, world = parallel_worker._diff, torch.distributed.get_world_size()
-    ctx = parallel_worker._ctx(ulysses=world)
-    m, out = tiny_hunyuan_transformer(heads=world), {}
-    for shape in SHAPES if world == 2 else SHAPES[1:]:  # 4 ranks (time): the uneven shape, no mask and a key mask
-        for text in TEXTS if world == 2 else TEXTS[1::2]:
-            given = "padded" if text == "trimmed" else text
-            dense = _run(m, shape, given)  # diffusers' own attention, dense mask
-            for fis in (False, True):
-                if fis:
-                    apply_fis(m, FIS).begin(4)
-                ref = _run(m, shape, given) if fis else dense
-                tag = f"{'x'.join(map(str, shape))}_{text}_{'fis' if fis else 'dense'}"
-                if fis:
-                    out[f"fis_effect_{tag}"] = diff(ref, dense)  # FIS really ran
-                for mode in ("spatial", "frame"):
-                    undo = drop_text_padding(m) if text == "trimmed" else None  # FIS, trim, then parallelism
-                    handle = parallelize_transformer(m, ctx, shard=mode)
-                    out[f"{mode}_{tag}"] = diff(_run(m, shape, given), ref)
-                    handle.remove()
-                    if undo:
-                        undo()
-                out[f"removed_{tag}"] = diff(_run(m, shape, given), ref)
-                if fis:
-                    remove_fis(m)
-    return out
-
-
-def hunyuan_cfg():
-    """The tiny HunyuanVideo 1.5 pipeline (guider-driven CFG) with a cfg degree 2 (x ulysses on 4 processes)
-    equals serial CFG on one process: dense and FIS, padding kept and dropped (the Worker drops it), and a guider
-    whose CFG starts at the second step (step 0 has no uncond call). One transformer call per step per rank."""
-    from diffusers import ClassifierFreeGuidance
-
-    from engine.runtime.pipelines import PipelineCall
-    from engine.testbed.tiny_hunyuan import build_pipeline
-    from parallel import parallelize_pipeline
-
-    diff, world = parallel_worker._diff, torch.distributed.get_world_size()
-    ctx = parallel_worker._ctx(cfg=2, ulysses=world // 2)
-    pipe = build_pipeline("t2v")
-    pipe.set_progress_bar_config(disable=True)
-    calls, out = [0], {}
-    pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    steps = 3
-
-    def generate(state):
-        if state is not None:
-            state.begin(steps)
-        with (
-            PipelineCall(pipe, "hunyuanvideo1.5").on_step_end(state.step_callback if state else lambda *a: {}) as kw,
-            torch.no_grad(),
-        ):
-            return pipe(
-                prompt="a red circle moving left",
-                negative_prompt="blurry",
-                height=32,
-                width=48,
-                num_frames=17,
-                num_inference_steps=steps,
-                output_type="latent",
-                generator=torch.Generator().manual_seed(0),
-                **kw,
-            ).frames
-
-    dense = {}
-    for guider in ("all", "late"):
-        pipe.guider = ClassifierFreeGuidance(guidance_scale=4.0, start=0.0 if guider == "all" else 0.34)
-        for fis in (False, True):
-            state = apply_fis(pipe.transformer, FIS) if fis else None
-            for trim in (False, True):
-                undo = drop_text_padding(pipe.transformer) if trim else None
-                calls[0] = 0
-                ref = generate(state)
-                serial_calls = calls[0]
-                handle = parallelize_pipeline(pipe, ctx)
-                tag = f"{guider}_{'fis' if fis else 'dense'}_{'trim' if trim else 'mask'}"
-                calls[0] = 0
-                out[f"cfg_{tag}"] = diff(generate(state), ref)
-                out[f"calls_{tag}"] = float(calls[0])  # forwards per rank
-                out[f"serial_calls_{tag}"] = float(serial_calls)
-                handle.remove()
-                out[f"removed_{tag}"] = diff(generate(state), ref)
-                if undo:
-                    undo()
-            if fis:
-                out[f"fis_effect_{guider}"] = diff(ref, dense[guider])
-                remove_fis(pipe.transformer)
-            else:
-                dense[guider] = ref
-    return out
-
-
-def _spawned(rank, world, port, path, names):
-    parallel_worker.SCENARIOS["hunyuan_sp"] = hunyuan_sp
-    parallel_worker.SCENARIOS["hunyuan_cfg"] = hunyuan_cfg
-    parallel_worker.main(rank, world, port, path, names)
-
-
 @pytest.fixture(scope="module")
-def sp_results(tmp_path_factory):
-    """(world, scenario) -> the scenario's metrics; each world size is spawned once, for both scenarios."""
-    cache = {}
-
-    def get(world: int, scenario: str = "hunyuan_sp") -> dict:
-        if world not in cache:
-            path = tmp_path_factory.mktemp("hunyuan_sp") / f"world{world}.json"
-            mp.spawn(_spawned, args=(world, free_port(), str(path), ["hunyuan_sp", "hunyuan_cfg"]), nprocs=world)
-            cache[world] = json.loads(path.read_text())
-        got = cache[world][scenario]
-        assert "error" not in got, got.get("error")
-        return got
-
-    return get
+def sp_results(spawned):
+    """(world, scenario) -> the scenario's metrics (tests/scenarios.py; one world per size for the run)."""
+    return lambda world, scenario="hunyuan_sp": spawned(world, scenario)
 
 
 @pytest.mark.parametrize("world", [2, 4])  # ulysses 2 (2 heads), ulysses 4 (4 heads; 4 frame ranks of 7 frames:
@@ -221,12 +74,12 @@ def test_no_dense_mask_same_output():
     dense-mask attention; the padding does matter (ignoring the mask changes the output), and the undo restores
     the model exactly."""
     m, shape = tiny_hunyuan_transformer(), SHAPES[1]
-    ref = _run(m, shape, "padded")
+    ref = hunyuan_run(m, shape, "padded")
     procs, undo = install_joint_attention(m)
-    assert abs(_run(m, shape, "padded") - ref).max() <= TOL
+    assert abs(hunyuan_run(m, shape, "padded") - ref).max() <= TOL
     for p in procs:  # the same attention with the mask thrown away: padded tokens act as keys
         p.__class__ = _NoMask
-    assert abs(_run(m, shape, "padded") - ref).max() > 1e-3
+    assert abs(hunyuan_run(m, shape, "padded") - ref).max() > 1e-3
     undo()
 
     seen = []
@@ -239,13 +92,13 @@ def test_no_dense_mask_same_output():
     for fis in (False, True):
         if fis:
             apply_fis(m, FIS).begin(4)
-            ref = _run(m, shape, "padded")
+            ref = hunyuan_run(m, shape, "padded")
         undo = drop_text_padding(m)
         seen.clear()
-        assert abs(_run(m, shape, "padded") - ref).max() <= TOL
+        assert abs(hunyuan_run(m, shape, "padded") - ref).max() <= TOL
         assert seen == [(5, None)] * 5  # 12 text tokens, 5 valid: no mask reaches the attention
         undo()
-        assert torch.equal(_run(m, shape, "padded"), ref)
+        assert torch.equal(hunyuan_run(m, shape, "padded"), ref)
         if fis:
             remove_fis(m)
     for h in hooks:
@@ -257,9 +110,9 @@ def test_no_dense_mask_same_output():
 def test_batch_of_unequal_prompts():
     """Two prompts of different lengths in one batch: a [B, 1, 1, S] key mask; trimmed to the longer prompt."""
     m, shape = tiny_hunyuan_transformer(), SHAPES[0]
-    ref = _run(m, shape, "batch")
+    ref = hunyuan_run(m, shape, "batch")
     for install in (install_joint_attention, drop_text_padding):
         undo = install(m)
         undo = undo[1] if isinstance(undo, tuple) else undo
-        assert abs(_run(m, shape, "batch") - ref).max() <= TOL
+        assert abs(hunyuan_run(m, shape, "batch") - ref).max() <= TOL
         undo()

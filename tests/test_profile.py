@@ -172,7 +172,7 @@ def other_pipeline(tmp_path_factory):
 @pytest.mark.slow
 def test_profile_under_sequence_parallelism_matches_one_process(tiny_path, tmp_path):
     """torchrun, 2 gloo ranks, spatial shards: the shard sums give the one-process Eq. 3 and Eq. 6 numbers."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     args = ["run", "--model", str(tiny_path("t2v")), "--prompt", "a red circle moving right", "--stride", "2", *ARGS]
     r = run_cli("profile_fis.py", *args, "--ulysses", "2", "--out", tmp_path / "sp", nproc=2)

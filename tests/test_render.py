@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from engine.runtime.io import read_mp4
 from engine.runtime.worker import WorkerConfig
@@ -86,7 +86,7 @@ def test_resume_needs_a_complete_output_of_the_same_request(tmp_path):
 
 
 @pytest.mark.slow
-def test_batch_on_ray_resume_and_torchrun(tiny_path, tmp_path):
+def test_batch_on_ray_resume_and_torchrun(tiny_path, tmp_path, ray_cluster):
     model = tiny_path("t2v")
     manifest = _write(tmp_path / "m.jsonl", LINES)
     out = tmp_path / "out"

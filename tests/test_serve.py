@@ -11,14 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import ray
 import requests
-from conftest import free_port
+from helpers import chunked_body, free_port
 from ray import serve
 
+from engine.errors import UserError
 from engine.runtime.io import read_mp4
-from engine.runtime.request import UserError
+from engine.serving.config import DEFAULT_CONFIG, load_config
 from engine.serving.jobs import JobStore
 from engine.serving.ray_executor import serve_app
-from engine.serving.service import DEFAULT_CONFIG, load_config
 
 QUEUE = 24
 SMALL = {"size": "32x32", "num_frames": 17, "num_inference_steps": 2}  # the default FIS preset: balanced
@@ -71,7 +71,7 @@ class Client:
                 r = self.get("/healthz")
                 if r.status_code == 200 and old.isdisjoint(w["actor"] for w in r.json()["workers"]):
                     return r.json()["workers"]
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # the replica is restarting
                 pass
             time.sleep(0.5)
         raise AssertionError("no new healthy worker group")
@@ -124,14 +124,12 @@ def config(tiny_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(config):
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+def client(config, ray_cluster):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(serve_app(config), name="fis", route_prefix="/")
     yield Client(f"http://127.0.0.1:{port}", JobStore(config.serve.output_dir))
     serve.shutdown()
-    ray.shutdown()
 
 
 def test_round_trip(client):
@@ -157,13 +155,6 @@ def test_round_trip(client):
 
 def _raw(body: bytes):
     return {"data": body, "headers": {"content-type": "application/json"}}
-
-
-def _chunks():  # no Content-Length: the limit must hold while the body streams in
-    yield b'{"prompt": "'
-    for _ in range(100):
-        yield b"x" * 1024
-    yield b'"}'
 
 
 P = {"prompt": "a cat"}
@@ -225,7 +216,7 @@ BAD = [  # (id, method, path, request kwargs, status, param, words in the messag
     ("id-path", "POST", "/v1/videos", {"json": {**P, "id": "../../etc/passwd"}}, 422, "id", "unknown field"),
     ("unknown-field", "POST", "/v1/videos", {"json": {**P, "model": "other"}}, 422, "model", "unknown field"),
     ("body-too-large", "POST", "/v1/videos", {"json": {"prompt": "x" * 100_000}}, 413, None, "limit"),
-    ("body-too-large-chunked", "POST", "/v1/videos", {"data": _chunks}, 413, None, "limit"),
+    ("body-too-large-chunked", "POST", "/v1/videos", {"data": chunked_body}, 413, None, "limit"),
     ("id-unknown", "GET", "/v1/videos/video_" + "0" * 32, {}, 404, "video_id", "no video"),
     ("id-malformed", "GET", "/v1/videos/not-an-id", {}, 404, "video_id", "no video"),
     ("id-path-encoded", "GET", "/v1/videos/..%2F..%2Fetc%2Fpasswd", {}, 404, None, "Not Found"),
