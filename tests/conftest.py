@@ -36,6 +36,7 @@ WORLD_SCENARIOS = {
         "ring_on_cpu",
         "hunyuan_sp",
         "hunyuan_cfg",
+        "rank_1_fails",  # last: its failure ends the world, no scenario is left to rerun
     ],
     4: ["attention_slices", "transformer_sp_4heads", "cfg_parallel", "bad_heads", "hunyuan_sp", "hunyuan_cfg"],
 }
@@ -48,11 +49,13 @@ def spawned(tmp_path_factory):
 
     cache: dict[int, dict] = {}
 
-    def get(world: int, name: str) -> dict:
+    def get(world: int, name: str, failed: bool = False) -> dict:
+        """failed=True: the scenario is expected to fail; its {'error': ...} is returned."""
         if world not in cache:
             cache[world] = scenarios.run_world(world, WORLD_SCENARIOS[world], tmp_path_factory.mktemp(f"world{world}"))
         r = cache[world][name]
-        assert "error" not in r, r.get("error")
+        if not failed:
+            assert "error" not in r, r.get("error")
         return r
 
     return get

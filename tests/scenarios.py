@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -207,6 +208,9 @@ def cfg_parallel():
     world = dist.get_world_size()
     ctx = _ctx(cfg=2, ulysses=world // 2)
     pipe = build_pipeline("t2v")
+    # a short context (the pipeline pads to 1000 Qwen + 256 ByT5 + 729 image tokens): still mostly padding, so the
+    # mask paths run, at a tenth of the CPU time
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 48, 16, 16
     pipe.set_progress_bar_config(disable=True)
     calls = [0]
     pipe.transformer.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -323,6 +327,9 @@ def hunyuan_cfg():
     world = dist.get_world_size()
     ctx = _ctx(cfg=2, ulysses=world // 2)
     pipe = build_pipeline("t2v")
+    # a short context (the pipeline pads to 1000 Qwen + 256 ByT5 + 729 image tokens): still mostly padding, so the
+    # mask paths run, at a tenth of the CPU time
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 48, 16, 16
     pipe.set_progress_bar_config(disable=True)
     calls, out = [0], {}
     pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -377,6 +384,15 @@ def hunyuan_cfg():
     return out
 
 
+@scenario
+def rank_1_fails():
+    """Rank 1 raises while rank 0 waits in a collective: the driver must report rank 1's own error, at once."""
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 failed on purpose")
+    dist.all_reduce(torch.zeros(1))
+    return {"rank_0_finished": 1.0}
+
+
 def main(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:
     """One rank: every scenario in `names`, in order. Rank 0 appends each finished scenario's metrics to
     out_dir/results.jsonl; a rank whose scenario raised writes out_dir/rank<r>.error and exits."""
@@ -389,6 +405,7 @@ def main(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> No
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     out = Path(out_dir)
     for name in names:
+        start = time.perf_counter()
         try:
             values = SCENARIOS[name]()
             for key, v in values.items():
@@ -401,10 +418,21 @@ def main(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> No
             os._exit(1)  # the other ranks' collectives now fail at once; the driver reads the file
         if rank == 0:
             with open(out / "results.jsonl", "a") as f:
-                f.write(json.dumps({"name": name, "values": values}) + "\n")
+                f.write(json.dumps({"name": name, "values": values, "seconds": time.perf_counter() - start}) + "\n")
     from parallel import destroy_parallel
 
     destroy_parallel()
+
+
+PRELOAD = [
+    "scenarios",
+    "engine.runtime.worker",
+    "engine.testbed.tiny_wan",
+    "engine.testbed.tiny_hunyuan",
+    "parallel",
+    "diffusers",
+    "transformers",
+]
 
 
 def run_world(world: int, names: list[str], out_dir: Path) -> dict:
@@ -413,12 +441,15 @@ def run_world(world: int, names: list[str], out_dir: Path) -> dict:
     import torch.multiprocessing as mp
     from helpers import free_port
 
+    # forkserver: the ranks are forked from one server that imported torch, diffusers and the engine once, instead
+    # of each rank importing them anew (~10 s of CPU per process, most of a world's start on the CI machine)
+    mp.set_forkserver_preload(PRELOAD)
     results, todo, attempt = {}, list(names), 0
     while todo:
         run_dir = out_dir / f"run{attempt}"
         run_dir.mkdir(parents=True)
         try:
-            mp.spawn(main, args=(world, free_port(), str(run_dir), todo), nprocs=world)
+            mp.start_processes(main, (world, free_port(), str(run_dir), todo), nprocs=world, start_method="forkserver")
         except Exception:  # noqa: BLE001 - a rank exited: its .error file says why
             pass
         done = run_dir / "results.jsonl"
