@@ -60,6 +60,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["off", "static", "auto"],
         help="torch.compile the blocks (the fastest on GPU: docs/benchmarks.md); static = a graph per token count",
     )
+    g.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode dtype (default fp32)")
     q = p.add_argument_group("parallel (under torchrun --nproc_per_node=N)")
     q.add_argument("--ulysses", type=int, help="Ulysses degree (default: what the world size leaves)")
     q.add_argument("--ring", type=int, default=1, help="ring-attention degree (CUDA)")
@@ -71,6 +72,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="spatial: each rank a slice of every frame (default); frame: contiguous frame ranges",
     )
     q.add_argument("--sp-attention", default="diffusers", choices=["diffusers", "xfuser"])
+    q.add_argument(
+        "--vae-parallel",
+        default="auto",
+        choices=["auto", "off"],
+        help="auto: decode over every rank of the replica (exact, DistVAE); off: rank 0 decodes alone",
+    )
 
 
 def add_request_args(p: argparse.ArgumentParser) -> None:

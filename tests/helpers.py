@@ -144,6 +144,26 @@ def hunyuan_run(m, shape, text):
     return m(*args, **kw)[0]
 
 
+def tiny_vaes() -> dict:
+    """{kind: (VAE, latent channels)}: tiny random VAEs of each kind the engine decodes in parallel, seed 0 — Wan 2.1
+    (16 channels, x8, as the tiny Wan pipelines), Wan 2.2 (48 channels, x16 with its 2x2 patchify, the TI2V-5B
+    config at toy width) and HunyuanVideo 1.5 (x16, as the tiny HunyuanVideo pipelines)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, AutoencoderKLWan
+
+    from engine.models import wan
+
+    torch.manual_seed(0)
+    wan21 = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    torch.manual_seed(0)
+    toy = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+    wan22 = AutoencoderKLWan(**{**wan.VAE_2_2, **toy})
+    torch.manual_seed(0)
+    hunyuan = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1)
+    return {"wan2.1": (wan21.eval(), 16), "wan2.2": (wan22.eval(), 48), "hunyuan1.5": (hunyuan.eval(), 4)}
+
+
 def chunked_body(kib: int = 100):
     """A JSON body streamed without Content-Length: a size limit must hold while it streams in."""
     yield b'{"prompt": "'

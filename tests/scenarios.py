@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers import bare_transformer, diff, hunyuan_run, tiny_hunyuan_transformer
+from helpers import bare_transformer, diff, hunyuan_run, tiny_hunyuan_transformer, tiny_vaes
 
 LATENT = {"even": (17, 64), "odd": (17, 48)}  # (num_frames, pixels): 5 latent frames of 4x4 / 3x3 tokens
 PROMPT = {"prompt": "a red ball moving left", "negative_prompt": "dark blue sky"}
@@ -374,6 +374,77 @@ def hunyuan_cfg():
                 remove_fis(pipe.transformer)
             else:
                 dense[guider] = ref
+    return out
+
+
+# ---- parallel VAE decode ------------------------------------------------------------------------------------
+VAE_LATENTS = ((2, 8, 6), (2, 10, 4))  # [F, H, W]: bands even over 2 and 4 ranks; 10 rows: uneven bands
+
+
+@scenario
+def vae_decode():
+    """Each tiny VAE kind decoded over every rank (DistVAE's halo-exchange shards, gathered on the leader) equals the
+    one-process decode; a rank other than the leader holds only its band of rows; rows that do not split over the
+    ranks fall back to the leader alone (still exact)."""
+    import math
+
+    from parallel.vae import parallelize_vae
+
+    world = dist.get_world_size()
+    ctx = _ctx(ulysses=world)
+    out = {}
+    for kind, (vae, channels) in tiny_vaes().items():
+        g = torch.Generator().manual_seed(1)
+        latents = [torch.randn(1, channels, *shape, generator=g) for shape in (*VAE_LATENTS, (2, 2, 4))]
+        with torch.no_grad():
+            refs = [vae.decode(z).sample for z in latents]  # [B, 3, F, H, W], one process
+            dec = parallelize_vae(vae, ctx)
+            out[f"{kind}_sharded"] = float(dec.sharded is not None)
+            for z, ref in zip(latents, refs):
+                rows = z.shape[3]
+                with dec.decoding(rows) as ranks:
+                    got = vae.decode(z).sample if ranks > 1 or ctx.is_leader else None
+                tag = f"{kind}_{rows}x{z.shape[4]}"  # the same keys in the same order on every rank (max-reduced)
+                out[f"ranks_{tag}"] = float(ranks)
+                out[f"diff_{tag}"] = diff(got, ref) if ctx.is_leader else 0.0
+                # a rank other than the leader: its rows of the output, as a fraction; bound ceil(rows / ranks) / rows
+                out[f"share_{tag}"] = 0.0 if ctx.is_leader or got is None else got.shape[3] / ref.shape[3]
+                out[f"bound_{tag}"] = math.ceil(rows / world) / rows
+            out[f"{kind}_restored"] = float(vae.decoder is dec.whole)
+    from engine.models.patch_vae import PatchVAE  # the embedded model's linear VAE: no DistVAE adapter
+
+    dec = parallelize_vae(PatchVAE(), ctx)
+    out["patch_vae_sharded"] = float(dec.sharded is not None)
+    out["patch_vae_reason"] = float("no decoder adapter" in (dec.reason or ""))
+    return out
+
+
+@scenario
+def worker_decode():
+    """The Worker on a tiny Wan pipeline with Ulysses over every rank: the video decoded over the replica's ranks
+    equals the leader-only decode (vae_parallel off), and only the leader returns frames."""
+    from engine.runtime.request import GenerationRequest
+    from engine.runtime.worker import Worker, WorkerConfig
+    from engine.testbed.tiny_wan import ensure_tiny
+
+    world = dist.get_world_size()
+    if dist.get_rank() == 0:  # one builder: the others would race it (and transformers saves weights on rank 0 only)
+        ensure_tiny("t2v")  # under FIS_CACHE, the session's folder (conftest)
+    dist.barrier()
+    model = str(ensure_tiny("t2v"))
+    req = GenerationRequest(prompt="a red ball moving left", height=64, width=64, num_frames=9, steps=2)
+    out = {}
+    runs = {}
+    for mode in ("auto", "off"):
+        worker = Worker(WorkerConfig(model=model, ulysses=world, vae_parallel=mode))
+        r = worker.generate(req)
+        runs[mode] = r
+        out[f"ranks_{mode}"] = float(r["metrics"]["decode"]["ranks"])
+        out[f"frames_{mode}"] = float(r["frames"] is not None)  # max over ranks: 1 (the leader)
+        out[f"nonleader_frames_{mode}"] = float(r["frames"] is not None and not worker.ctx.is_leader)
+    out["video_diff"] = (
+        float(abs(runs["auto"]["frames"] - runs["off"]["frames"]).max()) if runs["auto"]["frames"] is not None else 0.0
+    )
     return out
 
 

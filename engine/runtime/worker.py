@@ -17,10 +17,20 @@ from engine.models import family_of
 from engine.runtime import timing
 from fis import UNIT, DiTDims, generation_flops
 from parallel import Degrees, init_parallel, world_size_from_env
+from parallel.vae import parallelize_vae
 
 from .device import pick_device, pick_dtype
 from .images import prepare as prepare_image
-from .loader import EMBEDDED_NAME, check_supported, load_loras, load_pipeline, model_info, set_scheduler
+from .loader import (
+    EMBEDDED_NAME,
+    VAE_DTYPES,
+    check_supported,
+    load_loras,
+    load_pipeline,
+    model_info,
+    set_scheduler,
+    set_vae_dtype,
+)
 from .pipelines import PipelineCall
 from .request import GenerationRequest, validate
 from .setup import prepare
@@ -38,6 +48,8 @@ class WorkerConfig:
     shift: float | None = None
     attention_backend: str | None = None  # diffusers backend name, e.g. '_native_cudnn'
     compile: str = "off"  # torch.compile of the blocks: off, static (a graph per token count), auto
+    vae_dtype: str = "fp32"  # VAE decode dtype: fp32 or bf16
+    vae_parallel: str = "auto"  # auto: decode over every rank of the replica (parallel/vae.py); off: the leader alone
     # one video over several processes (torchrun / a Ray worker group): see parallel/
     cfg_parallel: int = 1  # 2: cond and uncond branches on two rank groups
     ulysses: int | None = None  # None: whatever the world size leaves after cfg and ring
@@ -54,6 +66,7 @@ class WorkerConfig:
 class Worker:
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
+        check_config(cfg)  # before anything starts or loads
         try:
             self.ctx = init_parallel(cfg.degrees())  # checks the degrees against the launch first
         except ValueError as e:
@@ -83,6 +96,8 @@ class Worker:
         except ValueError as e:  # bad compile mode, degrees that do not fit the model, shard
             raise UserError(str(e)) from None
         self.fis = self.attached.state  # one state for both experts
+        set_vae_dtype(self.pipe, cfg.vae_dtype)  # before the decoder is sharded: the shards share its parameters
+        self.decoder = parallelize_vae(getattr(self.pipe, "vae", None), self.ctx, cfg.vae_parallel == "auto")
         self.pipe.set_progress_bar_config(disable=self.rank != 0, desc="denoise", leave=False)
 
     def execute(self, method: str, *args, **kwargs):
@@ -155,12 +170,15 @@ class Worker:
         extra.update(**text, **self.call.guidance(req.guidance), **self.call.size(req.height, req.width))
         self.fis.begin(req.steps, req.fis)
         try:
-            with self.call.on_step_end(on_step_end) as callback:
+            # every rank of the replica decodes its band of rows when they split (parallel/vae.py); the leader
+            # alone gets the whole video, and decodes alone when they do not
+            rows = req.height // self.info.vae_s  # latent rows
+            with self.call.on_step_end(on_step_end) as callback, self.decoder.decoding(rows) as ranks:
                 out = pipe(
                     num_frames=req.num_frames,
                     num_inference_steps=req.steps,
                     generator=torch.Generator("cpu").manual_seed(req.seed),  # same noise on every rank
-                    output_type="np" if decode and self.ctx.is_leader else "latent",  # the leader decodes
+                    output_type="np" if decode and (self.ctx.is_leader or ranks > 1) else "latent",
                     **callback,
                     **extra,
                 )
@@ -168,7 +186,9 @@ class Worker:
             self.fis.begin(1, None)
         t_end = timing.now(dev)
         frames = out.frames[0] if decode and self.ctx.is_leader else None
-        return {"frames": frames, "latents": clock.latents, "metrics": self._metrics(req, t_start, clock, t_end)}
+        metrics = self._metrics(req, t_start, clock, t_end)
+        metrics["decode"] = {**self.decoder.describe(), "ranks": ranks if decode else 0, "dtype": self.cfg.vae_dtype}
+        return {"frames": frames, "latents": clock.latents, "metrics": metrics}
 
     def _metrics(self, req: GenerationRequest, t_start: float, clock: _StepClock, t_end: float) -> dict:
         plan = self.plan(req)
@@ -212,6 +232,17 @@ class Worker:
             dist.broadcast(t, src=self.ctx.leader_rank(), group=self.ctx.replica_group)
             flag = bool(t.item())
         return flag
+
+
+VAE_PARALLEL = ("auto", "off")
+
+
+def check_config(cfg: WorkerConfig) -> None:
+    """The settings that can be refused before any process group starts or any weight loads (one line each)."""
+    if cfg.vae_dtype not in VAE_DTYPES:
+        raise UserError(f"unknown VAE dtype {cfg.vae_dtype!r}; valid: {', '.join(VAE_DTYPES)}", "vae_dtype")
+    if cfg.vae_parallel not in VAE_PARALLEL:
+        raise UserError(f"vae_parallel must be one of {', '.join(VAE_PARALLEL)}, got {cfg.vae_parallel!r}")
 
 
 class _StepClock:
