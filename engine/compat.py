@@ -30,6 +30,23 @@ def check_backend_requirements(name: str) -> None:
     _check_attention_backend_requirements(AttentionBackendName(name))
 
 
+def point_flash3_hub_at(fa3) -> None:
+    """diffusers' `_flash_3_hub` backend (FlashAttention-3, Ulysses and ring included) calls the kernel its hub-kernel
+    registry holds once `kernels` has downloaded it. Filling that slot with a locally installed FA3 interface module
+    (fa3-fwd's `fa3_fwd_interface`: the upstream `flash_attn_interface` renamed) runs diffusers' own backend code on
+    it and nothing is downloaded; no diffusers function is replaced. The context-parallel path calls the module's
+    private `_flash_attn_forward` (the custom op that returns the log-sum-exp ring attention merges by)."""
+    from diffusers.models.attention_dispatch import _HUB_KERNELS_REGISTRY
+
+    kernel_fn, forward_fn = fa3.flash_attn_func, fa3._flash_attn_forward
+
+    def no_backward(*args, **kwargs):
+        raise RuntimeError("the FA3 kernel in use (fa3-fwd) is forward only: inference, no gradients")
+
+    config = _HUB_KERNELS_REGISTRY[AttentionBackendName._FLASH_3_HUB]
+    config.kernel_fn, config.wrapped_forward_fn, config.wrapped_backward_fn = kernel_fn, forward_fn, no_backward
+
+
 def supports_context_parallel(name: str) -> bool:
     return _Registry._is_context_parallel_available(AttentionBackendName(name))
 

@@ -53,7 +53,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-scale", type=float, default=1.0)
     g.add_argument("--scheduler", default="default", help="default, euler (Lightning: --scheduler euler --shift 5)")
     g.add_argument("--shift", type=float)
-    g.add_argument("--attention-backend", help="diffusers attention backend, e.g. _native_cudnn")
+    g.add_argument(
+        "--attention-backend",
+        help="a diffusers attention backend (e.g. _native_cudnn), fa3 (FlashAttention-3, fa3-fwd) or auto (fastest)",
+    )
+    g.add_argument(
+        "--quantize",
+        default="off",
+        choices=["off", "fp8"],
+        help="fp8: torchao float8 rowwise GEMMs in the transformer blocks (GPU; pays with --compile)",
+    )
     g.add_argument(
         "--compile",
         default="off",

@@ -38,6 +38,7 @@ WORLD_SCENARIOS = {
         "hunyuan_cfg",
         "vae_decode",
         "worker_decode",
+        "fa3_ulysses",
     ],
     4: [
         "attention_slices",

@@ -164,6 +164,33 @@ def tiny_vaes() -> dict:
     return {"wan2.1": (wan21.eval(), 16), "wan2.2": (wan22.eval(), 48), "hunyuan1.5": (hunyuan.eval(), 4)}
 
 
+def fake_fa3():
+    """A stand-in for fa3-fwd's `fa3_fwd_interface` on the CPU: its two entry points with its signatures and output
+    layouts ([B, S, H, D] out, [B, H, S] fp32 log-sum-exp), computed by PyTorch's math. The engine's fa3 wiring
+    (diffusers' _flash_3_hub backend, Ulysses included) runs on it exactly as on the real kernel."""
+    import types
+
+    def attend(q, k, v, scale):  # [B, S, H, D] -> out [B, S, H, D], lse [B, H, S]
+        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (scale or q.shape[-1] ** -0.5)
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+        return out, lse
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, *args, return_attn_probs=False, **kwargs):
+        assert not causal
+        out, lse = attend(q, k, v, softmax_scale)
+        return (out, lse) if return_attn_probs else out
+
+    def _flash_attn_forward(q, k, v, *args, causal=False, **kwargs):
+        assert not causal and len(args) == 21  # k_new ... v_descale, softmax_scale: as fa3-fwd orders them
+        out, lse = attend(q, k, v, args[-1])
+        return out, lse, torch.empty(0), torch.empty(0)
+
+    module = types.ModuleType("fa3_fwd_interface")
+    module.flash_attn_func, module._flash_attn_forward = flash_attn_func, _flash_attn_forward
+    return module
+
+
 def chunked_body(kib: int = 100):
     """A JSON body streamed without Content-Length: a size limit must hold while it streams in."""
     yield b'{"prompt": "'

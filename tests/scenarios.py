@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers import bare_transformer, diff, hunyuan_run, tiny_hunyuan_transformer, tiny_vaes
+from helpers import bare_transformer, diff, fake_fa3, hunyuan_run, tiny_hunyuan_transformer, tiny_vaes
 
 LATENT = {"even": (17, 64), "odd": (17, 48)}  # (num_frames, pixels): 5 latent frames of 4x4 / 3x3 tokens
 PROMPT = {"prompt": "a red ball moving left", "negative_prompt": "dark blue sky"}
@@ -374,6 +374,52 @@ def hunyuan_cfg():
                 remove_fis(pipe.transformer)
             else:
                 dense[guider] = ref
+    return out
+
+
+# ---- FlashAttention-3 (fa3) under Ulysses ---------------------------------------------------------------------
+@scenario
+def fa3_ulysses():
+    """The fa3 backend (diffusers' _flash_3_hub on fa3-fwd's entry points; here tests/helpers.fake_fa3, the same
+    signatures computed by PyTorch on the CPU) under Ulysses, with FIS: equal to PyTorch's attention in one process,
+    for Wan and HunyuanVideo 1.5 (joint attention, text padding dropped as the Worker does)."""
+    import sys
+
+    import engine.hooks.attention_backend as ab
+    from engine.hooks.fis import apply_fis, remove_fis
+    from engine.models.hunyuan15 import drop_text_padding
+    from parallel import parallelize_transformer
+
+    sys.modules[ab.FA3_MODULE] = fake_fa3()
+    ab.fa3_missing = lambda device=None: []  # no GPU here; the scenario's process ends with the world
+    world = dist.get_world_size()
+    ctx = _ctx(ulysses=world)
+    out = {}
+    torch.manual_seed(1)
+    x, text = torch.randn(1, 16, 5, 6, 6), torch.randn(1, 12, 32)  # [B, C, F, H, W], [B, L, C]
+    wan = bare_transformer(heads=world)
+
+    def run_wan():
+        with torch.no_grad():
+            return wan(hidden_states=x, timestep=torch.tensor([700]), encoder_hidden_states=text, return_dict=False)[0]
+
+    hy = tiny_hunyuan_transformer(heads=world)
+    undo = drop_text_padding(hy)
+    for name, model, run in (("wan", wan, run_wan), ("hunyuan", hy, lambda: hunyuan_run(hy, (6, 4, 6), "padded"))):
+        for fis in (False, True):
+            if fis:
+                apply_fis(model, _fis() if name == "wan" else _hy_fis()).begin(4)
+            ref = run()  # PyTorch's attention, one process
+            handle = parallelize_transformer(model, ctx, attention_backend="fa3")
+            procs = [getattr(m, "processor", None) for m in model.modules()]
+            backends = {str(p._attention_backend) for p in procs if hasattr(p, "_attention_backend")}
+            tag = f"{name}_{'fis' if fis else 'dense'}"
+            out[tag] = diff(run(), ref)
+            out[f"{name}_backend_{tag.split('_')[1]}"] = float(backends == {"AttentionBackendName._FLASH_3_HUB"})
+            handle.remove()
+            if fis:
+                remove_fis(model)
+    undo()
     return out
 
 

@@ -13,12 +13,15 @@ import torch
 import torch.distributed as dist
 
 from engine.errors import Cancelled, UserError
+from engine.hooks.attention_backend import check_attention_backend
+from engine.hooks.quantize import check_quantize
 from engine.models import family_of
 from engine.runtime import timing
 from fis import UNIT, DiTDims, generation_flops
 from parallel import Degrees, init_parallel, world_size_from_env
 from parallel.vae import parallelize_vae
 
+from .attention import pick_backend
 from .device import pick_device, pick_dtype
 from .images import prepare as prepare_image
 from .loader import (
@@ -46,8 +49,9 @@ class WorkerConfig:
     lora_scale: float = 1.0
     scheduler: str = "default"  # 'euler' + shift 5 for Wan 2.2 Lightning
     shift: float | None = None
-    attention_backend: str | None = None  # diffusers backend name, e.g. '_native_cudnn'
+    attention_backend: str | None = None  # diffusers backend name, e.g. '_native_cudnn'; fa3; auto (fastest measured)
     compile: str = "off"  # torch.compile of the blocks: off, static (a graph per token count), auto
+    quantize: str = "off"  # fp8: torchao float8 rowwise GEMMs in the blocks (engine/hooks/quantize.py)
     vae_dtype: str = "fp32"  # VAE decode dtype: fp32 or bf16
     vae_parallel: str = "auto"  # auto: decode over every rank of the replica (parallel/vae.py); off: the leader alone
     # one video over several processes (torchrun / a Ray worker group): see parallel/
@@ -74,6 +78,8 @@ class Worker:
         self.rank = self.ctx.rank
         self.device = self.ctx.device if self.ctx.is_distributed else pick_device(cfg.device)
         dtype = pick_dtype(cfg.dtype, self.device)
+        check_attention_backend(cfg.attention_backend, self.device)
+        check_quantize(cfg.quantize, self.device, dtype)
         self.pipe = load_pipeline(cfg.model, self.device, dtype)
         load_loras(self.pipe, cfg.lora, cfg.lora_2, cfg.lora_scale)
         set_scheduler(self.pipe, cfg.scheduler, cfg.shift)
@@ -81,11 +87,13 @@ class Worker:
         self.family = family_of(self.transformers[0])
         self.info = model_info(self.pipe)
         self.call = PipelineCall(self.pipe, self.family)
+        self.attention = self._attention_backend(cfg.attention_backend)  # (backend, why)
         try:  # the one attach order (engine/runtime/setup.py); FIS hooks on, FIS off until a request asks
             self.attached = prepare(
                 self.transformers,
                 self.pipe,
-                attention_backend=cfg.attention_backend,
+                quantize=cfg.quantize,
+                attention_backend=self.attention[0],
                 compile=cfg.compile,
                 fis=None,
                 optimise=True,
@@ -99,6 +107,19 @@ class Worker:
         set_vae_dtype(self.pipe, cfg.vae_dtype)  # before the decoder is sharded: the shards share its parameters
         self.decoder = parallelize_vae(getattr(self.pipe, "vae", None), self.ctx, cfg.vae_parallel == "auto")
         self.pipe.set_progress_bar_config(disable=self.rank != 0, desc="denoise", leave=False)
+
+    def _attention_backend(self, requested: str | None) -> tuple[str | None, str]:
+        """'auto': the fastest measured at this model's heads per rank and default video size
+        (engine/runtime/attention.py); anything else as given."""
+        if requested != "auto":
+            return requested, "--attention-backend" if requested else "default (PyTorch SDPA)"
+        c = self.transformers[0].config
+        h, w = self.info.default_size
+        f = self.info.latent_frames(self.info.default_frames)
+        tokens = f * (h // self.info.vae_s // self.info.patch[1]) * (w // self.info.vae_s // self.info.patch[2])
+        return pick_backend(
+            c.num_attention_heads // self.ctx.degrees.ulysses, c.attention_head_dim, tokens, self.device
+        )
 
     def execute(self, method: str, *args, **kwargs):
         """Entry point for remote drivers (Ray actors, torchrun loops): call a method by name."""
@@ -119,6 +140,10 @@ class Worker:
             "family": self.info.family,
             "device": str(self.device),
             "dtype": str(t.dtype),
+            "attention_backend": self.attention[0],
+            "attention_backend_choice": self.attention[1],
+            "quantize": self.attached.quantized,
+            "compile": self.cfg.compile,
             "world_size": self.ctx.world_size,
             "degrees": {"cfg": d.cfg, "ulysses": d.ulysses, "ring": d.ring},
             "shard": self.cfg.shard if self.ctx.is_distributed else None,
