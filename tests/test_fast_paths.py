@@ -43,8 +43,18 @@ def fa3(monkeypatch):
 @pytest.mark.skipif(not NO_GPU, reason="checks the CPU refusal")
 def test_fa3_without_package_or_gpu_is_one_line(tiny_path, tmp_path):
     out = tmp_path / "v.mp4"
-    r = run_cli("generate.py", "--model", tiny_path("t2v"), "--prompt", "a cat", *SMALL, "--attention-backend", "fa3",
-                "--output", out)  # fmt: skip
+    r = run_cli(
+        "generate.py",
+        "--model",
+        tiny_path("t2v"),
+        "--prompt",
+        "a cat",
+        *SMALL,
+        "--attention-backend",
+        "fa3",
+        "--output",
+        out,
+    )
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("generate: error: attention backend fa3 needs ") and "a CUDA GPU" in line, r.stderr
@@ -73,8 +83,9 @@ def test_fa3_equals_pytorch_attention_with_fis(fa3, family):
 
         def run():
             with torch.no_grad():
-                return model(hidden_states=x, timestep=torch.tensor([500]), encoder_hidden_states=text,
-                             return_dict=False)[0]  # fmt: skip
+                return model(
+                    hidden_states=x, timestep=torch.tensor([500]), encoder_hidden_states=text, return_dict=False
+                )[0]
     else:
         model = tiny_hunyuan_transformer()
 
@@ -87,8 +98,9 @@ def test_fa3_equals_pytorch_attention_with_fis(fa3, family):
 
     remove_fis(model)
     # the Worker's order: backend, FIS, the family's speed-ups (HunyuanVideo: text padding dropped: fa3 takes no mask)
-    attached = prepare([model], attention_backend="fa3", fis=FISConfig(stride=2, dense_head=1, dense_tail=1),
-                       optimise=True)  # fmt: skip
+    attached = prepare(
+        [model], attention_backend="fa3", fis=FISConfig(stride=2, dense_head=1, dense_tail=1), optimise=True
+    )
     attached.state.begin(2)
     got = run()
     assert (got - ref).abs().max().item() < 1e-5
@@ -120,8 +132,18 @@ def test_auto_on_cpu_is_sdpa(tiny_path, tmp_path):
 
     assert pick_backend(40, 128, 1000, torch.device("cpu")) == (None, "auto on CPU: PyTorch SDPA")
     out = tmp_path / "v.mp4"
-    r = run_cli("generate.py", "--model", tiny_path("t2v"), "--prompt", "a cat", *SMALL, "--attention-backend", "auto",
-                "--output", out)  # fmt: skip
+    r = run_cli(
+        "generate.py",
+        "--model",
+        tiny_path("t2v"),
+        "--prompt",
+        "a cat",
+        *SMALL,
+        "--attention-backend",
+        "auto",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     worker = json.loads(out.with_suffix(".metrics.json").read_text())["worker"]
     assert worker["attention_backend"] is None and worker["attention_backend_choice"].startswith("auto on CPU")
@@ -131,8 +153,9 @@ def test_auto_on_cpu_is_sdpa(tiny_path, tmp_path):
 @pytest.mark.skipif(not NO_GPU, reason="checks the CPU refusal")
 def test_fp8_on_cpu_is_one_line(tiny_path, tmp_path):
     out = tmp_path / "v.mp4"
-    r = run_cli("generate.py", "--model", tiny_path("t2v"), "--prompt", "a cat", *SMALL, "--quantize", "fp8",
-                "--output", out)  # fmt: skip
+    r = run_cli(
+        "generate.py", "--model", tiny_path("t2v"), "--prompt", "a cat", *SMALL, "--quantize", "fp8", "--output", out
+    )
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("generate: error: --quantize fp8 needs ") and "a CUDA GPU with FP8 tensor cores" in line
@@ -161,10 +184,17 @@ def test_fp8_targets_are_the_blocks_linears():
     names = fp8_targets(wan)
     per_block = {n.split(".", 2)[2] for n in names}
     assert per_block == {
-        "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-        "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-        "ffn.net.0.proj", "ffn.net.2",
-    }  # fmt: skip
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "ffn.net.0.proj",
+        "ffn.net.2",
+    }
     assert len(names) == 10 * len(wan.blocks) and all(n.startswith("blocks.") for n in names)
     kept = fp8_targets(wan, keep=(0, 3))
     assert not any(n.startswith(("blocks.0.", "blocks.3.")) for n in kept) and len(kept) == 10 * (len(wan.blocks) - 2)
@@ -190,3 +220,42 @@ def test_quantisation_comes_first_in_the_attach_order(monkeypatch):
     assert seen == {"mode": "fp8", "keep": (), "compiled": False, "hooked": False}
     assert attached.quantized["mode"] == "fp8" and "forward" in vars(model.blocks[0])
     attached.remove()
+
+
+# ---- the FP8 quality gate (launch/eval_fp8.py) ---------------------------------------------------------------
+@pytest.mark.skipif(not NO_GPU, reason="checks the CPU refusal")
+def test_eval_fp8_on_cpu_is_one_line(tmp_path):
+    r = run_cli("eval_fp8.py", "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("eval_fp8: error: --quantize fp8 needs ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_fp8_plumbing(monkeypatch, tmp_path):
+    """With a stand-in quantiser that changes nothing, every variant equals bf16: the harness, its gate and its
+    block sweep run end to end on the embedded model (one prompt)."""
+    import json
+
+    import engine.evaluation.quantized as quantized
+    import engine.hooks.quantize as q
+    import engine.runtime.setup as setup
+    import engine.runtime.worker as worker
+
+    calls = []
+
+    def fake(transformers, mode, keep=()):
+        calls.append(tuple(keep))
+        return {"mode": mode, "layers": 0, "kept_blocks": list(keep)}
+
+    monkeypatch.setattr(q, "fp8_missing", lambda device=None: [])
+    monkeypatch.setattr(worker, "check_quantize", lambda *a, **k: None)
+    monkeypatch.setattr(setup, "quantize_blocks", fake)
+    monkeypatch.setattr(quantized, "quantize_blocks", fake)
+    small = ["--frames", "9", "--height", "32", "--width", "32", "--steps", "2"]
+    args = ["--prompts", "1", "--dtype", "fp32", *small, "--blocks", "0,9", "--out", tmp_path / "o"]
+    r = run_cli("eval_fp8.py", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "o" / "fp8.json").read_text())
+    assert list(report["summary"]) == ["bf16", "fp8", "fp8-b0", "fp8-b9"]
+    assert calls == [(), tuple(range(1, 10)), tuple(range(9))]  # fp8: every block; fp8-bN: block N alone
+    assert report["gate"]["met"] and report["summary"]["fp8"]["psnr_mean"] == 100.0  # identical: capped
+    assert "| fp8-b9 |" in (tmp_path / "o" / "fp8.md").read_text()

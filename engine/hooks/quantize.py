@@ -89,7 +89,10 @@ def quantize_blocks(transformers, mode: str = "fp8", keep=()) -> dict:
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     layers = 0
     for t in transformers:
+        if getattr(t, "_fis_quantized", None) == mode:  # weights already converted (a second Worker on one model)
+            continue
         targets = set(fp8_targets(t, keep))
         layers += len(targets)
         quantize_(t, config, filter_fn=lambda m, name, targets=targets: name in targets)
+        t._fis_quantized = mode
     return {"mode": mode, "layers": layers, "kept_blocks": sorted(set(keep))}

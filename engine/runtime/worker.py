@@ -68,7 +68,9 @@ class WorkerConfig:
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig):
+    def __init__(self, cfg: WorkerConfig, pipe=None):
+        """pipe: an already built pipeline on the right device to serve instead of loading cfg.model (the end-to-end
+        benchmark runs several Workers, one configuration each, on one real-size random-weight pipeline)."""
         self.cfg = cfg
         check_config(cfg)  # before anything starts or loads
         try:
@@ -77,10 +79,10 @@ class Worker:
             raise UserError(str(e)) from None
         self.rank = self.ctx.rank
         self.device = self.ctx.device if self.ctx.is_distributed else pick_device(cfg.device)
-        dtype = pick_dtype(cfg.dtype, self.device)
+        dtype = pick_dtype(cfg.dtype, self.device) if pipe is None else pipe.transformer.dtype
         check_attention_backend(cfg.attention_backend, self.device)
         check_quantize(cfg.quantize, self.device, dtype)
-        self.pipe = load_pipeline(cfg.model, self.device, dtype)
+        self.pipe = load_pipeline(cfg.model, self.device, dtype) if pipe is None else pipe
         load_loras(self.pipe, cfg.lora, cfg.lora_2, cfg.lora_scale)
         set_scheduler(self.pipe, cfg.scheduler, cfg.shift)
         self.transformers = check_supported(self.pipe)
