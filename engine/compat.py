@@ -67,6 +67,37 @@ def dynamo_config():
     return torch._dynamo.config
 
 
+def compile_settings():
+    """A snapshot of the process-wide compile settings (dynamo, inductor, fp32 matmul precision), for a benchmark that
+    lets a library set its own (cache-dit's set_compile_configs) and puts them back after."""
+    import torch
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    return (
+        torch._dynamo.config.save_config(),
+        torch._inductor.config.save_config(),
+        torch.get_float32_matmul_precision(),
+    )
+
+
+def restore_compile_settings(saved) -> None:
+    import torch
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    torch._dynamo.config.load_config(saved[0])
+    torch._inductor.config.load_config(saved[1])
+    torch.set_float32_matmul_precision(saved[2])
+
+
+def reset_compiled() -> None:
+    """Forget every compiled graph (and the modules their guards hold): before a model is rebuilt in place."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
 def dynamo_counters():
     from torch._dynamo.utils import counters
 

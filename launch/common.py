@@ -44,6 +44,7 @@ def fail(message: str, prog: str = "generate") -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    d = WorkerConfig()  # the engine's defaults live in one place (engine/runtime/worker.py, README "Defaults")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="pipeline folder or hub id (default: the embedded model, engine/weights/shapes-wan)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -55,21 +56,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shift", type=float)
     g.add_argument(
         "--attention-backend",
+        default=d.attention_backend,
         help="a diffusers attention backend (e.g. _native_cudnn), fa3 (FlashAttention-3, fa3-fwd) or auto (fastest)",
     )
     g.add_argument(
         "--quantize",
-        default="off",
-        choices=["off", "fp8"],
-        help="fp8: torchao float8 rowwise GEMMs in the transformer blocks (GPU; pays with --compile)",
+        default=d.quantize,
+        choices=["off", "fp8", "auto"],
+        help="fp8: torchao float8 rowwise GEMMs in the transformer blocks (GPU; pays with --compile); auto: fp8 "
+        "where it can run",
     )
     g.add_argument(
         "--compile",
-        default="off",
+        default=d.compile,
         choices=["off", "static", "auto"],
         help="torch.compile the blocks (the fastest on GPU: docs/benchmarks.md); static = a graph per token count",
     )
-    g.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode dtype (default fp32)")
+    g.add_argument(
+        "--vae-dtype",
+        default=d.vae_dtype,
+        choices=["fp32", "bf16", "auto"],
+        help="VAE decode dtype (auto: bf16 on GPU)",
+    )
     q = p.add_argument_group("parallel (under torchrun --nproc_per_node=N)")
     q.add_argument("--ulysses", type=int, help="Ulysses degree (default: what the world size leaves)")
     q.add_argument("--ring", type=int, default=1, help="ring-attention degree (CUDA)")
@@ -83,7 +91,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--sp-attention", default="diffusers", choices=["diffusers", "xfuser"])
     q.add_argument(
         "--vae-parallel",
-        default="auto",
+        default=d.vae_parallel,
         choices=["auto", "off"],
         help="auto: decode over every rank of the replica (exact, DistVAE); off: rank 0 decodes alone",
     )

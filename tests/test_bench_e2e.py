@@ -43,7 +43,7 @@ def e2e(tmp_path_factory):
 
     mp.setattr(setup, "quantize_blocks", fake_quantize)
     d = tmp_path_factory.mktemp("e2e")
-    args = ["--tiny", "--phases", PHASES, "--parts", "text,vae,mp4,qwen", "--out-json", d / "run.json"]
+    args = ["--tiny", "--phases", PHASES, "--parts", "text,vae,vae-bf16,shards,mp4,qwen", "--out-json", d / "run.json"]
     whole = ["--whole", "fp8-fa3-compile=FIS-Balanced,cache-dit=Dense"]
     try:
         r = run_cli("bench_e2e.py", *args, *whole, "--docs", d / "benchmarks.md")

@@ -125,28 +125,24 @@ def test_backend_names():
 
 
 # ---- auto --------------------------------------------------------------------------------------------------
-def test_auto_on_cpu_is_sdpa(tiny_path, tmp_path):
+def test_auto_settings_on_cpu(tiny_path, tmp_path):
+    """Every `auto` can be a default on any machine: on a CPU it is PyTorch SDPA, no FP8, an fp32 decode."""
     import json
 
+    from engine.hooks.quantize import resolve_quantize
     from engine.runtime.attention import pick_backend
 
     assert pick_backend(40, 128, 1000, torch.device("cpu")) == (None, "auto on CPU: PyTorch SDPA")
+    assert resolve_quantize("auto", torch.device("cpu")) == "off" and resolve_quantize("fp8") == "fp8"
     out = tmp_path / "v.mp4"
-    r = run_cli(
-        "generate.py",
-        "--model",
-        tiny_path("t2v"),
-        "--prompt",
-        "a cat",
-        *SMALL,
-        "--attention-backend",
-        "auto",
-        "--output",
-        out,
-    )
+    auto = ["--attention-backend", "auto", "--quantize", "auto", "--vae-dtype", "auto"]
+    r = run_cli("generate.py", "--model", tiny_path("t2v"), "--prompt", "a cat", *SMALL, *auto, "--output", out)
     assert r.returncode == 0, r.stderr
-    worker = json.loads(out.with_suffix(".metrics.json").read_text())["worker"]
-    assert worker["attention_backend"] is None and worker["attention_backend_choice"].startswith("auto on CPU")
+    m = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert m["worker"]["attention_backend"] is None and m["worker"]["attention_backend_choice"].startswith(
+        "auto on CPU"
+    )
+    assert m["worker"]["quantize"] is None and m["decode"]["dtype"] == "fp32"
 
 
 # ---- FP8 ---------------------------------------------------------------------------------------------------
@@ -170,7 +166,7 @@ def test_fp8_checks(monkeypatch):
     import engine.hooks.quantize as q
 
     check_quantize("off")
-    with pytest.raises(UserError, match="quantize must be one of off, fp8"):
+    with pytest.raises(UserError, match="quantize must be one of off, fp8, auto"):
         check_quantize("fp4")
     assert fp8_missing(torch.device("cpu"))[-1] == "a CUDA GPU with FP8 tensor cores (none is in use)"
     monkeypatch.setattr(q, "fp8_missing", lambda device=None: [])

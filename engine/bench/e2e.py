@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from engine import compat
 from engine.hooks.attention_backend import FA3, fa3_missing
 from engine.hooks.compile import MODES as COMPILE_MODES
 from engine.hooks.quantize import fp8_missing
@@ -93,7 +94,9 @@ PHASES = {
         Phase("cache-dit", cache_dit=True),
     )
 }
-PARTS = ("text", "vae", "mp4", "qwen")
+# text: umT5-XXL; vae: the fp32 decode of the whole video (+ postprocess); vae-bf16: the bf16 decode and its PSNR;
+# shards: 1/N bands; mp4: the write; qwen: HunyuanVideo 1.5's text encoder
+PARTS = ("text", "vae", "vae-bf16", "shards", "mp4", "qwen")
 
 
 @dataclass
@@ -103,7 +106,7 @@ class Options:
     phases: str = "eager,fa3,fa3-compile,fp8-fa3-compile,cache-dit"  # name[=Row+Row]: that phase's rows only
     rows: str = ",".join(ROW_NAMES)
     whole: str = "fp8-fa3-compile=FIS-Balanced,cache-dit=Dense"  # phase=Row+Row: also one whole generation each
-    parts: str = "text,vae,mp4"
+    parts: str = "text,vae,vae-bf16,shards,mp4"
     compile_mode: str = "auto"  # static: a graph per token count; auto: dense static + one dynamic for the anchors
     vae_dtype: str = "fp32"  # the decode the end-to-end totals use
     repeats: int = 2
@@ -228,10 +231,10 @@ def time_qwen(device, dtype, o: Options) -> dict:
     }
 
 
-def time_vae(pipe, latents: torch.Tensor, device, o: Options) -> tuple[dict, object]:
-    """Full decode (fp32, bf16 and the bf16 video's PSNR against fp32) and 1/N row bands, as the pipeline decodes:
-    vae.decode, then the video processor's postprocess to the frames the mp4 is written from. Returns (results,
-    the fp32 frames)."""
+def time_vae(pipe, latents: torch.Tensor, device, o: Options, parts: set[str]) -> tuple[dict, object]:
+    """The decode as the pipeline does it (vae.decode, then the video processor's postprocess to the frames the mp4
+    is written from) in fp32; with 'vae-bf16' also in bf16 and the bf16 video's PSNR against fp32; with 'shards' the
+    decode of 1/N bands of latent rows. Returns (results, the fp32 frames)."""
     vae = pipe.vae
     warm, reps = (0, 1) if o.tiny else (1, 1)
     z = latents.to(device, torch.float32)  # [1, C, F, h, w]
@@ -240,7 +243,7 @@ def time_vae(pipe, latents: torch.Tensor, device, o: Options) -> tuple[dict, obj
     res = {"latents": list(z.shape), "status": "ok"}
 
     def decode(x, dtype):
-        return vae.decode(x.to(dtype), return_dict=False)[0]
+        return vae.decode(x.to(dtype), return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
 
     res["decode_fp32_s"] = _median_s(lambda: decode(z, torch.float32), device, warm, reps)
     video = decode(z, torch.float32)
@@ -248,22 +251,23 @@ def time_vae(pipe, latents: torch.Tensor, device, o: Options) -> tuple[dict, obj
     frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]  # [F, H, W, 3] float in [0, 1]
     res["postprocess_s"] = time.perf_counter() - t
     res["peak_gib"] = timing.peak_gib(device)
-    vae.to(torch.bfloat16)
-    try:
-        res["decode_bf16_s"] = _median_s(lambda: decode(z, torch.bfloat16), device, warm, reps)
-        mse = (decode(z, torch.bfloat16).float() - video).pow(2).mean().item()
-        res["bf16_psnr_db"] = 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")  # video in [-1, 1]
-    finally:
-        vae.to(torch.float32)
-    del video
-    rows = z.shape[3]
+    if "vae-bf16" in parts:
+        vae.to(torch.bfloat16)
+        try:
+            res["decode_bf16_s"] = _median_s(lambda: decode(z, torch.bfloat16), device, warm, reps)
+            mse = (decode(z, torch.bfloat16).float() - video).pow(2).mean().item()
+            res["bf16_psnr_db"] = 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")  # peak-to-peak 2
+        finally:
+            vae.to(torch.float32)
+    video = None  # noqa: F841 - free the whole video before the bands
     res["shards"] = []
-    for n in SHARDS:
-        band = math.ceil(rows / n)
-        if band < 1 or n > rows:
+    rows = z.shape[3]
+    for n in SHARDS if "shards" in parts else ():
+        if n > rows:
             continue
-        s = _median_s(lambda b=band: decode(z[:, :, :, :b], torch.float32), device, warm, reps)
-        res["shards"].append({"ranks": n, "latent_rows": band, "decode_s": s, "speedup": res["decode_fp32_s"] / s})
+        band = math.ceil(rows / n)
+        sec = _median_s(lambda b=band: decode(z[:, :, :, :b], torch.float32), device, warm, reps)
+        res["shards"].append({"ranks": n, "latent_rows": band, "decode_s": sec, "speedup": res["decode_fp32_s"] / sec})
     timing.free_memory(device)
     return res, frames
 
@@ -389,9 +393,10 @@ def run_phase(pipe, s, phase: Phase, rows: list[str], whole: list[str], o: Optio
     device = s.device
     compile = (o.compile_mode if not o.tiny else "off") if phase.compile else "off"  # --tiny: no inductor on CPU
     out["config"] = dict(attention_backend=phase.attention_backend, compile=compile, quantize=phase.quantize)
-    worker = None
+    worker, settings = None, None
     try:
         if phase.cache_dit:
+            settings = compat.compile_settings()  # cache-dit sets its own, process-wide; put back after
             out["cache_dit"] = _cache_dit_setup(pipe, s, o, device)
             s = dataclasses.replace(
                 s, experts=[pipe.transformer] + ([pipe.transformer_2] if s.spec.experts > 1 else [])
@@ -427,6 +432,8 @@ def run_phase(pipe, s, phase: Phase, rows: list[str], whole: list[str], o: Optio
             for t in worker.transformers:
                 t.reset_attention_backend()
             del worker
+        if settings is not None:
+            compat.restore_compile_settings(settings)
         gc.collect()
         timing.free_memory(device)
     return out
@@ -441,19 +448,23 @@ class _NoFIS:
     step = 0
 
 
-def _cache_dit_setup(pipe, s, o: Options, device) -> dict:
-    """Fresh experts from the same seeds (the same weights; the engine's were quantised or compiled in place), then
-    cache-dit's fastest dense setting on them."""
-    import torch._dynamo
-
+def fresh_experts(pipe, s, o: Options) -> None:
+    """The DiT experts rebuilt from their seeds: the same weights (deterministic initialisation on the device) in
+    bf16, after a phase converted them in place (FP8) or cache-dit set them up its own way."""
     pipe.transformer, pipe.transformer_2 = None, None
     gc.collect()
-    timing.free_memory(device)
-    torch._dynamo.reset()  # the engine's graphs; cache-dit compiles its own
-    dtype = timing_dtype(device)
-    experts = [build_transformer(s.spec.transformer, device, o.seed + i, dtype) for i in range(s.spec.experts)]
+    compat.reset_compiled()  # compiled graphs hold the old modules
+    timing.free_memory(s.device)
+    dtype = timing_dtype(s.device)
+    experts = [build_transformer(s.spec.transformer, s.device, o.seed + i, dtype) for i in range(s.spec.experts)]
     pipe.transformer = experts[0]
     pipe.transformer_2 = experts[1] if len(experts) > 1 else None
+
+
+def _cache_dit_setup(pipe, s, o: Options, device) -> dict:
+    """Fresh experts (cache-dit quantises and compiles its own), then cache-dit's fastest dense setting on them."""
+    fresh_experts(pipe, s, o)
+    experts = [t for t in (pipe.transformer, pipe.transformer_2) if t is not None]
     done = cachedit.apply(experts, device, compile=not o.tiny)
     return {"version": cachedit.version(), **done}
 
@@ -520,7 +531,7 @@ def run(o: Options) -> dict:
             if part == "text":
                 report["parts"]["text"] = time_text(pipe, device, o)
             elif part == "vae":
-                report["parts"]["vae"], frames_np = time_vae(pipe, s.noise, device, o)
+                report["parts"]["vae"], frames_np = time_vae(pipe, s.noise, device, o, parts)
             else:
                 if frames_np is None:  # no decode measured: the frames of one decode, untimed
                     video = pipe.vae.decode(s.noise.float(), return_dict=False)[0]

@@ -31,7 +31,7 @@ import torch
 from engine.errors import UserError
 from engine.models import adapter_for
 
-MODES = ("off", "fp8")
+MODES = ("off", "fp8", "auto")  # auto: fp8 where it can run (torchao, an FP8 GPU, bf16 weights), else off
 
 
 def fp8_missing(device: torch.device | None = None) -> list[str]:
@@ -52,7 +52,7 @@ def check_quantize(mode: str, device: torch.device | None = None, dtype: torch.d
     """One line naming what `mode` lacks, before any model loads."""
     if mode not in MODES:
         raise UserError(f"quantize must be one of {', '.join(MODES)}, got {mode!r}", "quantize")
-    if mode == "off":
+    if mode in ("off", "auto"):
         return
     missing = fp8_missing(device)
     if missing:
@@ -61,6 +61,13 @@ def check_quantize(mode: str, device: torch.device | None = None, dtype: torch.d
         raise UserError(
             f"--quantize fp8 quantises bf16 weights; the model is {str(dtype).split('.')[-1]} (--dtype bf16)"
         )
+
+
+def resolve_quantize(mode: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
+    """'auto' -> 'fp8' where it can run here, else 'off' (so it can be a default on every machine); others as given."""
+    if mode != "auto":
+        return mode
+    return "fp8" if not fp8_missing(device) and dtype in (None, torch.bfloat16) else "off"
 
 
 def _fits(module) -> bool:

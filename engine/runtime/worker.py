@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from engine.errors import Cancelled, UserError
 from engine.hooks.attention_backend import check_attention_backend
-from engine.hooks.quantize import check_quantize
+from engine.hooks.quantize import check_quantize, resolve_quantize
 from engine.models import family_of
 from engine.runtime import timing
 from fis import UNIT, DiTDims, generation_flops
@@ -51,8 +51,8 @@ class WorkerConfig:
     shift: float | None = None
     attention_backend: str | None = None  # diffusers backend name, e.g. '_native_cudnn'; fa3; auto (fastest measured)
     compile: str = "off"  # torch.compile of the blocks: off, static (a graph per token count), auto
-    quantize: str = "off"  # fp8: torchao float8 rowwise GEMMs in the blocks (engine/hooks/quantize.py)
-    vae_dtype: str = "fp32"  # VAE decode dtype: fp32 or bf16
+    quantize: str = "off"  # fp8: torchao float8 rowwise GEMMs in the blocks (engine/hooks/quantize.py); auto
+    vae_dtype: str = "fp32"  # VAE decode dtype: fp32, bf16, auto (bf16 on a GPU)
     vae_parallel: str = "auto"  # auto: decode over every rank of the replica (parallel/vae.py); off: the leader alone
     # one video over several processes (torchrun / a Ray worker group): see parallel/
     cfg_parallel: int = 1  # 2: cond and uncond branches on two rank groups
@@ -82,6 +82,7 @@ class Worker:
         dtype = pick_dtype(cfg.dtype, self.device) if pipe is None else pipe.transformer.dtype
         check_attention_backend(cfg.attention_backend, self.device)
         check_quantize(cfg.quantize, self.device, dtype)
+        self.quantize = resolve_quantize(cfg.quantize, self.device, dtype)  # auto -> fp8 or off
         self.pipe = load_pipeline(cfg.model, self.device, dtype) if pipe is None else pipe
         load_loras(self.pipe, cfg.lora, cfg.lora_2, cfg.lora_scale)
         set_scheduler(self.pipe, cfg.scheduler, cfg.shift)
@@ -94,7 +95,7 @@ class Worker:
             self.attached = prepare(
                 self.transformers,
                 self.pipe,
-                quantize=cfg.quantize,
+                quantize=self.quantize,
                 attention_backend=self.attention[0],
                 compile=cfg.compile,
                 fis=None,
@@ -106,7 +107,8 @@ class Worker:
         except ValueError as e:  # bad compile mode, degrees that do not fit the model, shard
             raise UserError(str(e)) from None
         self.fis = self.attached.state  # one state for both experts
-        set_vae_dtype(self.pipe, cfg.vae_dtype)  # before the decoder is sharded: the shards share its parameters
+        # the decode dtype first: the decoder's shards share its parameters
+        self.vae_dtype = set_vae_dtype(self.pipe, cfg.vae_dtype, self.device)
         self.decoder = parallelize_vae(getattr(self.pipe, "vae", None), self.ctx, cfg.vae_parallel == "auto")
         self.pipe.set_progress_bar_config(disable=self.rank != 0, desc="denoise", leave=False)
 
@@ -214,7 +216,7 @@ class Worker:
         t_end = timing.now(dev)
         frames = out.frames[0] if decode and self.ctx.is_leader else None
         metrics = self._metrics(req, t_start, clock, t_end)
-        metrics["decode"] = {**self.decoder.describe(), "ranks": ranks if decode else 0, "dtype": self.cfg.vae_dtype}
+        metrics["decode"] = {**self.decoder.describe(), "ranks": ranks if decode else 0, "dtype": self.vae_dtype}
         return {"frames": frames, "latents": clock.latents, "metrics": metrics}
 
     def _metrics(self, req: GenerationRequest, t_start: float, clock: _StepClock, t_end: float) -> dict:
