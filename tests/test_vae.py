@@ -17,7 +17,7 @@ from scenarios import VAE_LATENTS
 
 TOL = 1e-5  # float32: the halo exchange and the band reductions only reorder sums
 KINDS = ("wan2.1", "wan2.2", "hunyuan1.5")
-# measured on this CPU (tiny random VAEs, tests below): 53.6-58.1 dB; the real Wan VAE on an H200 is in
+# measured on this CPU (tiny random VAEs, tests below): 53.2-57.7 dB; the real Wan VAE on an H200 is in
 # docs/benchmarks.md (launch/bench_e2e.py)
 BF16_PSNR_DB = 45.0
 
