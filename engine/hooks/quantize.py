@@ -93,7 +93,9 @@ def quantize_blocks(transformers, mode: str = "fp8", keep=()) -> dict:
         return {"mode": "off", "layers": 0, "kept_blocks": []}
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # set_inductor_config=False: torchao would otherwise change inductor's process-wide settings (coordinate-descent
+    # tuning: minutes more per compiled token count) for every model in the process, not only this one
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     layers = 0
     for t in transformers:
         if getattr(t, "_fis_quantized", None) == mode:  # weights already converted (a second Worker on one model)
