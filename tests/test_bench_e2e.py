@@ -10,7 +10,7 @@ import sys
 import pytest
 from helpers import fake_fa3, run_cli
 
-PHASES = "eager,fa3,compile,fa3-compile,fp8,fp8-fa3-compile,cache-dit"
+PHASES = "eager,fa3,fa3-compile,fp8-fa3-compile,cache-dit"  # compile and fp8 alone: the same code paths
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_every_phase_and_part_runs(e2e):
         for r in ph["rows"]:
             assert r["status"] == "ok" and r["denoise_s"] > 0 and r["timing"] == "per-step extrapolation"
             assert r["total_s"] > r["denoise_s"] and "speedup" in r and "vs_cache_dit_e2e" in r
-    assert converted == [2, 2]  # fp8 and fp8-fa3-compile converted both A14B experts, before their compile
+    assert converted == [2]  # fp8-fa3-compile converted both A14B experts, before its compile
     backends = {p["phase"]: p["config"].get("attention_backend") for p in report["phases"]}
     assert backends["fa3"] == "fa3" and backends["eager"] is None
     parts = report["parts"]
