@@ -24,8 +24,8 @@ def tiny_path():
     return lambda variant="t2v": ensure_tiny(variant)
 
 
-# One spawned gloo world per size for the whole run, serving tests/test_parallel.py and test_parallel_hunyuan.py
-# (starting a world of CPU processes costs more than most scenarios): tests/scenarios.py.
+# One spawned gloo world per size for the whole run, serving tests/test_parallel.py, test_parallel_hunyuan.py and
+# test_vae.py (starting a world of CPU processes costs more than most scenarios): tests/scenarios.py.
 WORLD_SCENARIOS = {
     2: [
         "attention_slices",
@@ -36,9 +36,20 @@ WORLD_SCENARIOS = {
         "ring_on_cpu",
         "hunyuan_sp",
         "hunyuan_cfg",
+        "vae_decode",
+        "worker_decode",
+        "fa3_ulysses",
         "rank_1_fails",  # last: its failure ends the world, no scenario is left to rerun
     ],
-    4: ["attention_slices", "transformer_sp_4heads", "cfg_parallel", "bad_heads", "hunyuan_sp", "hunyuan_cfg"],
+    4: [
+        "attention_slices",
+        "transformer_sp_4heads",
+        "cfg_parallel",
+        "bad_heads",
+        "hunyuan_sp",
+        "hunyuan_cfg",
+        "vae_decode",
+    ],
 }
 
 

@@ -78,6 +78,7 @@ class ModelFamily:
     text_len(pipe) -> context tokens the FLOPs counter counts
     prepare_pipeline(pipe) -> None: fixes applied once to a loaded pipeline
     optimise(transformer) -> undo or None: single-process speed-ups applied by the runtime (exact)
+    fp8_keep(config) -> block indices `--quantize fp8` leaves in bf16 (measured as sensitive), or None: none
     """
 
     name: str
@@ -91,6 +92,7 @@ class ModelFamily:
     text_len: Callable
     prepare_pipeline: Callable = _none
     optimise: Callable = _none
+    fp8_keep: Callable = _none
 
 
 class BlockArgs:
