@@ -57,8 +57,11 @@ def apply(transformers, device: torch.device, compile: bool = True) -> dict:
         done["fp8"] = "skipped: needs " + " and ".join(no_fp8)
     else:
         for t in transformers:
+            # cache-dit's float8_per_row asserts that every Linear of the model is bf16, so the modules diffusers
+            # keeps in fp32 (time embedder, modulation) are cast as a cache-dit user must
+            t.to(torch.bfloat16)
             cache_dit.quantize(t, quantize_config=QuantizeConfig(quant_type="float8_per_row"))
-        done["fp8"] = "cache_dit.quantize float8_per_row (regional: repeated blocks)"
+        done["fp8"] = "cache_dit.quantize float8_per_row (regional: repeated blocks; model cast wholly to bf16 first)"
     no_fa3 = fa3_missing(device)
     if no_fa3:
         done["attention"] = "default (PyTorch SDPA): fa3 needs " + " and ".join(no_fa3)
