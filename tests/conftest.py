@@ -36,8 +36,18 @@ WORLD_SCENARIOS = {
         "ring_on_cpu",
         "hunyuan_sp",
         "hunyuan_cfg",
+        "operators_sp",
+        "hunyuan_operators",
     ],
-    4: ["attention_slices", "transformer_sp_4heads", "cfg_parallel", "bad_heads", "hunyuan_sp", "hunyuan_cfg"],
+    4: [
+        "attention_slices",
+        "transformer_sp_4heads",
+        "cfg_parallel",
+        "bad_heads",
+        "hunyuan_sp",
+        "hunyuan_cfg",
+        "operators_sp",
+    ],
 }
 
 
