@@ -316,3 +316,31 @@ def test_flops_identities():
     per_token = 4 * 60 * c * c + 4 * 60 * 8 * c + 4 * 60 * c * d.ffn_dim  # cross-attention (Q, O, scores), FFN
     assert block_flops(d, 90, 30, "attn") - block_flops(d, 30, None) == pytest.approx(per_token)
     assert block_flops(d, 90, 30, "residual") < block_flops(d, 90, 30, "attn") < block_flops(d, 90, 30, "kv")
+
+
+# ---- the GPU speed benchmark, as a CPU smoke run ------------------------------------------------------------
+def test_bench_operators_tiny_writes_block_times_and_speedups(tmp_path):
+    from helpers import run_cli
+
+    out = tmp_path / "ops.json"
+    args = ["--tiny", "--resolutions", "480p", "--strides", "3", "--warmup", "0", "--repeats", "1", "--out", out]
+    r = run_cli("bench_operators.py", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    res = json.loads(out.read_text())
+    times = res["block_ms"]["480p"]
+    assert times["latent_frames"] == 21 and times["dense"] > 0
+    assert set(times) - {"latent_frames", "tokens", "dense"} == set(OPERATORS)
+    assert all(set(times[op]) == {"8", "9"} for op in OPERATORS)  # s = 3 on 21 frames: 8 or 9 anchors
+    assert all(e["status"] == "ok" for e in res["entries"])
+    for op in OPERATORS:
+        assert res["speedup"]["480p"][op]["3"] > 0 and res["flops_speedup"]["480p"][op]["3"] > 1
+
+
+def test_bench_operators_bad_input_is_one_line(capsys):
+    from launch.bench_operators import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--operators", "cubic", "--out", "x.json"])
+    assert e.value.code == 2 and "--operators: choose from" in capsys.readouterr().err
