@@ -33,6 +33,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=280.0, help="operators left when this is spent are skipped")
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="toy-width block of the same structure (CPU smoke run)")
+    p.add_argument(
+        "--fused-glue",
+        action="store_true",
+        help="the reconstruction as the compiled CUDA kernel (one compile per operator and anchor count)",
+    )
     p.add_argument("--out", required=True, help="the JSON to write")
     return p
 
@@ -81,6 +86,7 @@ def run(a, command: str) -> int:
         a.attention_backend,
         a.budget_s,
         tiny=a.tiny,
+        fused_glue=a.fused_glue,
         log=lambda m: print(m, flush=True),
     )
     result["command"] = command

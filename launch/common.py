@@ -93,7 +93,7 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
         "strict (must already be the video size)",
     )
     f = p.add_argument_group("FIS")
-    f.add_argument("--fis", default="off", help="off, balanced, fast, or a preset .toml (see configs/fis/)")
+    f.add_argument("--fis", default="off", help="off, balanced, fast, quality, or a preset .toml (see configs/fis/)")
     f.add_argument("--fis-stride", type=int)
     f.add_argument("--fis-blocks", help="sparse blocks: auto, a-b or a,b,c")
     f.add_argument("--fis-dense-steps", type=int)

@@ -48,6 +48,14 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", help="the teacher's pipeline folder (--stage student)")
     p.add_argument("--distill-steps", type=int)
     p.add_argument("--distill-minutes", type=float, help="time budget of the distillation (fits its step count)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any TrainConfig field on top of the preset (repeatable), e.g. --set layers=16 --set camera=0: the "
+        "variants of docs/eval/v2.md",
+    )
     p.add_argument("--workers", type=int, default=8, help="processes rendering the clips")
     p.add_argument("--check", type=int, default=24, help="prompts sampled after training for an adherence check")
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks the script runs, trains nothing useful")
@@ -68,7 +76,7 @@ def main(argv=None) -> int:
     if a.teacher is not None and not (Path(a.teacher) / "model_index.json").is_file():
         p.error(f"--teacher {a.teacher}: not a pipeline folder (no model_index.json)")
     preset = V2 if a.preset == "v2" else {}
-    cfg = TrainConfig(seed=a.seed, **preset)
+    cfg = TrainConfig(seed=a.seed, **preset, **overrides(p, a.set))
     if a.smoke:
         tiny = dict(frames=9, size=32, clips=16, pca_clips=16, dit_steps=3, dit_batch=2, layers=2, ffn=64, heads=2)
         cfg = TrainConfig(**{**asdict(cfg), **tiny, "head_dim": 16, "distill_batch": 2})
@@ -102,6 +110,26 @@ def main(argv=None) -> int:
     size = sum(f.stat().st_size for f in Path(a.out).rglob("*") if f.is_file()) / 2**20
     print(f"saved {a.out} ({size:.1f} MiB)")
     return 0
+
+
+def overrides(p, items: list[str]) -> dict:
+    """--set KEY=VALUE pairs -> TrainConfig fields; values are Python literals (numbers, strings, None), else text."""
+    import ast
+    from dataclasses import fields
+
+    from engine.testbed.train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)} - {"done", "seed"}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            p.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
 
 
 if __name__ == "__main__":

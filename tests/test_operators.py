@@ -113,6 +113,14 @@ def test_operators_are_fis_config_choices():
     assert [get_operator(o).per_frame for o in OPERATORS] == [False, False, True, True]
 
 
+def test_quality_preset_is_attn_at_the_balanced_stride_for_every_family():
+    from engine.runtime.presets import load_fis
+
+    for family in ("wan-14b", "wan-5b", "wan-1.3b", "hunyuanvideo1.5-8b", "default"):
+        quality, balanced = load_fis("quality", family), load_fis("balanced", family)
+        assert quality.operator == "attn" and quality.replace(operator="residual", name="balanced") == balanced
+
+
 # ---- exactness ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def test_wan_split_attention_with_every_key_is_the_processor_bit_for_bit():

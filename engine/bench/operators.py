@@ -27,7 +27,7 @@ from engine.runtime.timing import free_memory, time_fn
 from fis import OPERATORS, FISConfig, generation_flops
 from fis.flops import block_flops
 from fis.operators import get as get_operator
-from fis.reconstruct import FrameTables
+from fis.reconstruct import FrameTables, set_fused
 
 from .kernels import block_inputs
 
@@ -86,9 +86,26 @@ def operator_sweep(
     attention_backend: str | None = None,
     budget_s: float = 280.0,
     tiny: bool = False,
+    fused_glue: bool = False,
     log=print,
 ) -> dict:
-    """Block times of dense and every operator x anchor count, per resolution; composed and FLOPs speedups."""
+    """Block times of dense and every operator x anchor count, per resolution; composed and FLOPs speedups.
+
+    fused_glue: the reconstruction as one compiled kernel, as a generation runs it on CUDA; off by default because
+    every (operator, anchor count) would compile its own kernel (minutes over the sweep), and the eager glue costs a
+    few % of a sparse block (docs/benchmarks.md: the fused one is <= 3% of a step), so the measured speedups are, if
+    anything, slightly low."""
+    was_fused = set_fused(fused_glue)
+    try:
+        glue = "fused" if fused_glue else "eager"
+        return _sweep(
+            device, resolutions, operators, strides, warmup, repeats, attention_backend, budget_s, tiny, glue, log
+        )
+    finally:
+        set_fused(was_fused)
+
+
+def _sweep(device, resolutions, operators, strides, warmup, repeats, attention_backend, budget_s, tiny, glue, log):
     spec = MODELS[MODEL].tiny() if tiny else MODELS[MODEL]
     c = spec.transformer
     dtype = pick_dtype("auto", device)
@@ -102,6 +119,7 @@ def operator_sweep(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype),
         "attention_backend": attention_backend or "default (torch SDPA)",
+        "glue": glue,
         "frames": FRAMES,
         "steps": STEPS,
         "num_blocks": c["num_layers"],
