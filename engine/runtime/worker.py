@@ -49,10 +49,12 @@ class WorkerConfig:
     lora_scale: float = 1.0
     scheduler: str = "default"  # 'euler' + shift 5 for Wan 2.2 Lightning
     shift: float | None = None
-    attention_backend: str | None = None  # diffusers backend name, e.g. '_native_cudnn'; fa3; auto (fastest measured)
+    # defaults: the fastest settings that keep quality, measured on an H200 (docs/benchmarks.md, 2026-12-01); each
+    # auto falls back to the plain path on a CPU or without the package
+    attention_backend: str | None = "auto"  # diffusers backend name, e.g. '_native_cudnn'; fa3; auto (fastest measured)
     compile: str = "off"  # torch.compile of the blocks: off, static (a graph per token count), auto
-    quantize: str = "off"  # fp8: torchao float8 rowwise GEMMs in the blocks (engine/hooks/quantize.py); auto
-    vae_dtype: str = "fp32"  # VAE decode dtype: fp32, bf16, auto (bf16 on a GPU)
+    quantize: str = "auto"  # fp8: torchao float8 rowwise GEMMs in the blocks (engine/hooks/quantize.py); auto
+    vae_dtype: str = "auto"  # VAE decode dtype: fp32, bf16, auto (bf16 on a GPU)
     vae_parallel: str = "auto"  # auto: decode over every rank of the replica (parallel/vae.py); off: the leader alone
     # one video over several processes (torchrun / a Ray worker group): see parallel/
     cfg_parallel: int = 1  # 2: cond and uncond branches on two rank groups
