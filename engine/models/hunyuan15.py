@@ -251,4 +251,5 @@ HUNYUAN_VIDEO_15 = ModelFamily(
     text_len=text_len,
     prepare_pipeline=prepare_pipeline,
     optimise=drop_text_padding,
+    fps=24,
 )

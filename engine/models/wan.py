@@ -100,4 +100,6 @@ WAN = ModelFamily(
     default_size=default_size,
     encode_text=encode_text,
     text_len=text_len,
+    fps=16,
+    size_multiple=16,  # WanPipeline.check_inputs: "height and width have to be divisible by 16"
 )

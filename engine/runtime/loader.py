@@ -143,4 +143,6 @@ def model_info(pipe) -> ModelInfo:
         default_size=tuple(size),
         default_frames=frames,
         default_guidance=guidance,
+        fps=family.fps,
+        pipeline_multiple=family.size_multiple,
     )

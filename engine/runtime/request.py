@@ -6,6 +6,7 @@ inputs with the same one-line messages.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from engine.errors import UserError
@@ -31,10 +32,12 @@ class ModelInfo:
     default_size: tuple[int, int] = (480, 832)
     default_frames: int = 81
     default_guidance: float = 1.0
+    fps: int = 16  # the family's frame rate: `seconds` converts with it, the mp4 plays at it
+    pipeline_multiple: int = 1  # what the family's pipelines demand of height and width on top of VAE x patch
 
     @property
     def size_multiple(self) -> int:
-        return self.vae_s * max(self.patch[1], self.patch[2])
+        return math.lcm(self.vae_s * max(self.patch[1], self.patch[2]), self.pipeline_multiple)
 
     def latent_frames(self, frames: int) -> int:
         return ((frames - 1) // self.vae_t + 1) // self.patch[0]
@@ -85,9 +88,7 @@ def validate(req: GenerationRequest, info: ModelInfo, fit_image: bool = True) ->
     for name, v in (("height", h), ("width", w)):
         _int(name, v, m, MAX_SIDE)
         if v % m:
-            raise UserError(
-                f"{name} {v} must be a multiple of {m} (VAE x{info.vae_s} times patch {info.patch[1]})", name
-            )
+            raise UserError(f"{name} {v} must be a multiple of {m} ({_multiple_reason(info)})", name)
     frames = info.default_frames if req.num_frames is None else req.num_frames
     _int("num_frames", frames, 1, MAX_FRAMES)
     if (frames - 1) % info.vae_t:
@@ -129,6 +130,16 @@ def validate(req: GenerationRequest, info: ModelInfo, fit_image: bool = True) ->
     )
     check_fis(out, info)
     return out
+
+
+def _multiple_reason(info: ModelInfo) -> str:
+    own = info.vae_s * max(info.patch[1], info.patch[2])
+    reason = f"VAE x{info.vae_s} times patch {info.patch[1]}"
+    return (
+        reason
+        if info.size_multiple == own
+        else f"{reason}; the pipeline itself wants multiples of {info.pipeline_multiple}"
+    )
 
 
 def check_fis(req: GenerationRequest, info: ModelInfo) -> None:
