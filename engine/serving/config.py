@@ -26,6 +26,8 @@ class ServeSettings:
     fis: str = "balanced"  # FIS preset for requests that give none
     max_body_kib: int = 64
     job_lease_s: float = 30.0  # a running job not heard of for this long was on a dead replica
+    poll_after_ms: int = 1000  # what GET /v1/videos/{id} tells a polling client (openai-poll-after-ms)
+    max_replicas_per_node: int = 0  # 0: no limit; 1 spreads replicas over nodes (Ray Serve's own setting)
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -12,11 +12,10 @@ import threading
 import time
 
 from engine.errors import Cancelled, GroupFailed, UserError
-from engine.runtime.io import mp4_bytes
 
 from .config import ServeConfig
-from .jobs import JobStore
-from .schema import check_for, parse, request_from_dict
+from .jobs import CANCELLED, JobStore
+from .schema import build, request_from_dict
 
 
 class VideoService:
@@ -38,10 +37,12 @@ class VideoService:
 
     # ---- API -----------------------------------------------------------------------------------------------
     def submit(self, body) -> dict:
-        """Validate (FieldError) and queue (QueueFull) a request body; returns the job record."""
-        req, _ = parse(body, self.config.limits, self.config.serve.fis, self.info.family)
-        req = check_for(req, self.info)
-        record = self.store.submit(req.to_dict(), self.config.serve.queue_size)
+        """Validate (FieldError, ModelNotFound) and queue (QueueFull) a request body (a JSON object, or a form as
+        schema.form_body makes it); returns the video object."""
+        c = self.config
+        parsed = build(body, c.limits, c.serve.fis, self.info, c.model_name)
+        meta = {"model": c.model_name, "fps": self.info.fps, "fis_source": parsed.fis_source, "notes": parsed.notes}
+        record = self.store.submit(parsed.request.to_dict(), c.serve.queue_size, meta)
         self._wake.set()
         return record
 
@@ -94,6 +95,12 @@ class VideoService:
                 continue
             self._run(*job)
 
+    def _poll(self, job_id: str, step: int) -> bool:
+        """While a job runs: its heartbeat (True if the client cancelled it), and the sweep for jobs of replicas
+        that died meanwhile (a long job must not keep them 'running' until it ends)."""
+        self._sweep()
+        return self.store.heartbeat(job_id, step)
+
     def _sweep(self) -> None:
         """Jobs left running by a replica that died: failed (interrupted) once their lease ran out."""
         lease = self.config.serve.job_lease_s
@@ -103,29 +110,32 @@ class VideoService:
 
     def _run(self, job_id: str, request: dict) -> None:
         req = request_from_dict(request)
+        notes = (self.store.get(job_id) or {}).get("fis", {}).get("notes", [])
         t0 = time.time()
         try:
-            result = self.group.run(req, lambda k, n: self.store.heartbeat(job_id, k))
+            result = self.group.run(req, lambda k, n: self._poll(job_id, k), fps=self.info.fps)
             t1 = time.time()
-            self.store.save_outputs(job_id, mp4_bytes(result["frames"]), {**result["metrics"], "id": job_id})
+            m = result["metrics"]
+            if notes:
+                m = {**m, "notes": [*m.get("notes", []), *notes]}
+            self.store.save_outputs(job_id, result["video"], {**m, "id": job_id})
         except Cancelled:
-            self.store.finish(job_id, "cancelled", "cancelled by the client")
+            self.store.finish(job_id, "cancelled", CANCELLED)
         except UserError as e:
-            self.store.finish(job_id, "failed", str(e))
+            self.store.finish(job_id, "failed", str(e), code="invalid_request")
         except GroupFailed as e:
-            self.store.finish(job_id, "failed", f"{e}; the worker group is being restarted")
+            self.store.finish(job_id, "failed", f"{e}; the worker group is being restarted", code="worker_failed")
             group, self.group = self.group, None  # the loop builds a new one before the next job
             group.shutdown()
         except Exception as e:  # e.g. a full disk: this job fails, the service goes on
             self.store.finish(job_id, "failed", f"{type(e).__name__}: {e}")
         else:
-            m = result["metrics"]
             timings = {
                 "run_s": t1 - t0,
                 "write_s": time.time() - t1,
-                **{k: m[k] for k in ("latency_s", "text_encode_s", "denoise_s", "decode_s")},
+                **{k: m[k] for k in ("latency_s", "text_encode_s", "denoise_s", "decode_s", "encode_s")},
             }
-            self.store.finish(job_id, "completed", timings=timings)
+            self.store.finish(job_id, "completed", timings=timings, meta={"speedup_estimate": m["speedup_estimate"]})
 
     def _rebuild(self) -> bool:
         if self._stop.is_set():
