@@ -56,8 +56,8 @@ class WorkerActor:
         self.member = GroupMember(cfg)
         return self.member.worker.info, self.member.worker.describe()
 
-    def generate(self, req, job: str | None):
-        return self.member.run(req, job)
+    def generate(self, req, job: str | None, fps: int | None = None):
+        return self.member.run(req, job, fps=fps)
 
     def progress(self) -> tuple[int, int]:
         return self.member.progress
@@ -86,7 +86,12 @@ class RayExecutor:
         self.names = [f"fis-worker-{self.tag}-r{i}" for i in range(ranks)]
         self.actors = []
         bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
-        self.pg = placement_group([bundle] * ranks, strategy="STRICT_PACK", name=f"fis-group-{self.tag}")
+        self.pg = placement_group(  # on the caller's node when it has room: a replica drives workers beside it
+            [bundle] * ranks,
+            strategy="STRICT_PACK",
+            name=f"fis-group-{self.tag}",
+            _soft_target_node_id=ray.get_runtime_context().get_node_id(),
+        )
         try:
             try:
                 ray.get(self.pg.ready(), timeout=timeout_s)
@@ -117,12 +122,12 @@ class RayExecutor:
             raise
         self.info, self.describe = started[0]
 
-    def run(self, req, on_poll=None, poll_s: float = 0.2) -> dict:
+    def run(self, req, on_poll=None, fps: int | None = None, poll_s: float = 0.2) -> dict:
         """Run `req` on every rank; the leader's result. on_poll(step, steps) -> True cancels (Cancelled).
         Raises UserError / Cancelled as the ranks do, once all have stopped; GroupFailed if a rank died or
         failed otherwise: the group is then unusable (ranks may wait in a collective) and must be shut down."""
         job = secrets.token_hex(8)
-        refs = [a.generate.remote(req, job) for a in self.actors]
+        refs = [a.generate.remote(req, job, fps) for a in self.actors]
         pending, cancelling = list(refs), False
         try:
             while pending:
@@ -253,12 +258,14 @@ class VideoDeployment:
 def serve_app(config: ServeConfig):
     """The Serve application (serve.run / `serve run`): config.serve.replicas replicas, each spanning
     cfg x ulysses x ring GPUs. The replica itself only routes and queues, so it reserves no CPU."""
+    spread = {"max_replicas_per_node": config.serve.max_replicas_per_node} if config.serve.max_replicas_per_node else {}
     return serve.deployment(
         VideoDeployment,
         name="fis-video",
         num_replicas=config.serve.replicas,
         max_ongoing_requests=256,
         ray_actor_options={"num_cpus": 0, "runtime_env": RUNTIME_ENV},
+        **spread,
     ).bind(config)
 
 
@@ -282,7 +289,7 @@ def render_on_ray(batch, cfg: WorkerConfig, groups: int | None, address: str | N
         try:
             while (item := batch.next_item()) is not None:
                 try:
-                    req = batch.request(item, group.info.family)
+                    req = batch.request(item, group.info)
                     batch.done(item, group.run(req))
                 except UserError as e:
                     batch.failed(item, str(e))
