@@ -53,11 +53,11 @@ class Client:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def wait(self, vid: str, until=("completed", "failed", "cancelled"), timeout=120, step=0) -> dict:
+    def wait(self, vid: str, until=("completed", "failed"), timeout=120, step=0) -> dict:
         end = time.time() + timeout
         while time.time() < end:
             j = self.job(vid)
-            if j["status"] in until and j["progress"]["step"] >= step:
+            if j["status"] in until and j["steps"]["done"] >= step:
                 return j
             time.sleep(0.1)
         raise AssertionError(f"{vid} did not reach {until} in {timeout} s: {j}")
@@ -126,7 +126,7 @@ def config(tiny_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(config, ray_cluster):
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     serve.run(serve_app(config), name="fis", route_prefix="/")
     yield Client(f"http://127.0.0.1:{port}", JobStore(config.serve.output_dir))
     serve.shutdown()
@@ -136,7 +136,7 @@ def test_round_trip(client):
     vid = client.submit(**SMALL)
     j = client.wait(vid)
     assert j["status"] == "completed", j
-    assert j["progress"] == {"step": 2, "steps": 2, "percent": 100}
+    assert j["progress"] == 100 and j["steps"] == {"done": 2, "total": 2}
     assert j["request"]["size"] == "32x32" and j["request"]["fis"]["name"] == "balanced"
     assert {"queued_s", "run_s", "denoise_s", "decode_s"} <= set(j["timings"])
     r = client.get(f"/v1/videos/{vid}/content")
@@ -214,7 +214,8 @@ BAD = [  # (id, method, path, request kwargs, status, param, words in the messag
         "smaller than the number of latent frames",
     ),
     ("id-path", "POST", "/v1/videos", {"json": {**P, "id": "../../etc/passwd"}}, 422, "id", "unknown field"),
-    ("unknown-field", "POST", "/v1/videos", {"json": {**P, "model": "other"}}, 422, "model", "unknown field"),
+    ("unknown-field", "POST", "/v1/videos", {"json": {**P, "colour": "red"}}, 422, "colour", "unknown field"),
+    ("model-unknown", "POST", "/v1/videos", {"json": {**P, "model": "other"}}, 404, "model", "not served here"),
     ("body-too-large", "POST", "/v1/videos", {"json": {"prompt": "x" * 100_000}}, 413, None, "limit"),
     ("body-too-large-chunked", "POST", "/v1/videos", {"data": chunked_body}, 413, None, "limit"),
     ("id-unknown", "GET", "/v1/videos/video_" + "0" * 32, {}, 404, "video_id", "no video"),
@@ -247,7 +248,7 @@ def test_still_serving_and_path_like_text_is_only_text(client):
 
 def test_queue_full_then_cancel(client):
     running = client.submit(**LONG)
-    client.wait(running, until=("running",))
+    client.wait(running, until=("in_progress",))
     queued = [client.submit(**FAST) for _ in range(QUEUE)]
     r = client.post({"prompt": "one too many", **FAST})
     assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
@@ -257,8 +258,8 @@ def test_queue_full_then_cancel(client):
     r = requests.delete(f"{client.url}/v1/videos/{running}").json()  # on a running one: stops at the next step
     assert r["cancel_requested"] and not r["deleted"]
     j = client.wait(running)
-    assert j["status"] == "cancelled" and j["progress"]["step"] < 400, j
-    assert client.job(queued[0])["status"] == "cancelled"
+    assert j["status"] == "failed" and j["error"]["code"] == "cancelled" and j["steps"]["done"] < 400, j
+    assert client.job(queued[0])["error"] == {"code": "cancelled", "message": "cancelled by the client"}
     r = requests.delete(f"{client.url}/v1/videos/{queued[0]}").json()  # on a finished one: deletes it
     assert r["deleted"]
     assert client.get(f"/v1/videos/{queued[0]}").status_code == 404
@@ -291,7 +292,7 @@ def test_replicas_share_one_store_actor_on_the_head_node(client, config, tmp_pat
     done = client.submit(size="32x32", num_frames=17, num_inference_steps=1)
     assert client.wait(done)["status"] == "completed"
     store = shared_store(config.serve.output_dir)  # the same actor the replicas use
-    assert done in {j["id"] for j in store.list(100)}
+    assert done in {j["id"] for j in store.list(100)[0]}
     assert store.video_bytes(done) == client.store.video_path(done).read_bytes()
     other = shared_store(str(tmp_path / "other"))  # another output directory: another actor, its own queue
     from engine.runtime.request import GenerationRequest
@@ -310,10 +311,11 @@ def test_replicas_share_one_store_actor_on_the_head_node(client, config, tmp_pat
 def test_worker_killed_mid_job(client):
     before = client.get("/healthz").json()["workers"]
     vid = client.submit(**LONG)
-    client.wait(vid, until=("running",), step=1)
+    client.wait(vid, until=("in_progress",), step=1)
     ray.kill(_actor(before[1]["actor"]))
     j = client.wait(vid)
-    assert j["status"] == "failed" and "worker rank 1" in j["error"] and "died" in j["error"], j
+    assert j["status"] == "failed" and "worker rank 1" in j["error"]["message"] and "died" in j["error"]["message"], j
+    assert j["error"]["code"] == "worker_failed"
     assert len(client.healthy(replacing=before)) == 2  # the replica rebuilt its worker group
     assert client.wait(client.submit(**SMALL))["status"] == "completed"
 
@@ -327,18 +329,18 @@ def test_restart_keeps_jobs(client):
     assert client.wait(done)["status"] == "completed"
     before = client.get("/healthz").json()["workers"]
     running = client.submit(**LONG)
-    client.wait(running, until=("running",), step=1)
+    client.wait(running, until=("in_progress",), step=1)
     ray.kill(_actor("SERVE_REPLICA::fis#fis-video"), no_restart=True)
     client.healthy(replacing=before)
     j = client.wait(running, timeout=60)
-    assert j["status"] == "failed" and j["error"].startswith("interrupted"), j
+    assert j["status"] == "failed" and j["error"]["code"] == "interrupted", j
     assert done in [v["id"] for v in client.get("/v1/videos").json()["data"]]
     r = client.get(f"/v1/videos/{done}/content")
     assert r.status_code == 200 and r.content == client.store.video_path(done).read_bytes()
     assert read_mp4(client.store.video_path(done)).shape == (17, 32, 32, 3)
 
     last = client.submit(**LONG)
-    client.wait(last, until=("running",), step=1)
+    client.wait(last, until=("in_progress",), step=1)
     serve.delete("fis")
     j = client.store.get(last)
-    assert j["status"] == "failed" and j["error"].startswith("interrupted"), j
+    assert j["status"] == "failed" and j["error"]["code"] == "interrupted", j
