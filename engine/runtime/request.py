@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from engine.errors import UserError
-from fis import FISConfig, FISConfigError
+from fis import UNIT, DiTDims, FISConfig, FISConfigError, generation_flops
 
 from .images import FITS, describe, prepare
 
@@ -34,6 +34,7 @@ class ModelInfo:
     default_guidance: float = 1.0
     fps: int = 16  # the family's frame rate: `seconds` converts with it, the mp4 plays at it
     pipeline_multiple: int = 1  # what the family's pipelines demand of height and width on top of VAE x patch
+    dims: DiTDims | None = None  # the architecture as the FLOPs counter sees it (a request's cost, up front)
 
     @property
     def size_multiple(self) -> int:
@@ -41,6 +42,13 @@ class ModelInfo:
 
     def latent_frames(self, frames: int) -> int:
         return ((frames - 1) // self.vae_t + 1) // self.patch[0]
+
+    def dense_pflops(self, req: GenerationRequest) -> float | None:
+        """Denoising PFLOP of a completed request without FIS (what metrics call flops_dense_P); None if unknown."""
+        if self.dims is None:
+            return None
+        cfg_passes = 2 if req.guidance > 1.0 else 1
+        return generation_flops(self.dims, req.num_frames, req.height, req.width, req.steps, None, cfg_passes) / UNIT
 
 
 @dataclass
