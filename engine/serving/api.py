@@ -15,14 +15,23 @@ A multipart form carries OpenAI's fields as text and `input_reference` as the up
 `image` (base64). The image has its own allowance (limits.max_image_kib); everything else in the body counts against
 serve.max_body_kib.
 
-Errors are OpenAI's envelope {"error": {"message", "type", "param", "code"}}: 400 unreadable body, 404 unknown id or
-model (code model_not_found), 409 video not ready, 413 body too large, 422 invalid field (param names it), 429 queue
-full. Ray-free: the app wraps a VideoService (engine/serving/service.py).
+Errors are OpenAI's envelope {"error": {"message", "type", "param", "code"}}: 400 unreadable body, 401 no or wrong
+API key, 404 unknown id or model (code model_not_found), 405 wrong method (with Allow), 408 body too slow, 409 video
+not ready, 413 body too large, 415 a body neither JSON nor multipart, 421 a Host not in serve.allowed_hosts, 422
+invalid field (param names it), 429 queue full. Ray-free: the app wraps a VideoService (engine/serving/service.py).
+
+Hardened for a client that means harm (limits, key and retention: the README's serving section): with serve.api_key set,
+every route but /healthz and the page's own files wants `Authorization: Bearer KEY` (compared in constant time); the
+Host header must be one this server answers to, so a web page elsewhere cannot reach it through DNS rebinding, and
+bodies must say they are JSON or a form, so a cross-site "simple" request cannot submit one; no API docs, no
+redirects; a body must arrive within serve.body_timeout_s. Responses render any text, even text a store held from
+before these checks (a lone surrogate), as valid JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from pathlib import Path
 
@@ -31,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from engine.errors import FieldError
 
@@ -55,6 +65,18 @@ _CODES = {
     405: "method_not_allowed",
     409: "video_not_ready",
 }
+PUBLIC = ("/healthz", *PAGE_FILES)  # reachable without the API key
+BODY_TYPES = ("application/json", "multipart/form-data")
+
+
+class SafeJSON(JSONResponse):
+    """JSON as UTF-8; text that cannot be UTF-8 (a lone surrogate) escaped instead of failing the response."""
+
+    def render(self, content) -> bytes:
+        try:
+            return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 class ApiError(Exception):
@@ -75,12 +97,62 @@ def error_body(status: int, code: str, message: str, param: str | None = None) -
 
 
 def _error(status: int, code: str, message: str, param=None, headers=None) -> JSONResponse:
-    return JSONResponse(error_body(status, code, message, param), status, headers=headers)
+    return SafeJSON(error_body(status, code, message, param), status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware in front of every route: the Host header, the API key, HEAD as GET without the body."""
+
+    def __init__(self, app, api_key: str, hosts: list[str]):
+        self.app, self.key, self.hosts = app, api_key, {h.lower() for h in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = _hostname(headers.get("host", ""))
+        if "*" not in self.hosts and host not in self.hosts:
+            return await _error(421, "misdirected_request", "this server does not answer to that Host")(
+                scope, receive, send
+            )
+        if self.key and scope["path"] not in PUBLIC:
+            given = headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, f"Bearer {self.key}".encode()):
+                message = "a valid API key is needed: send 'Authorization: Bearer KEY'"
+                response = _error(401, "invalid_api_key", message, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        if scope["method"] == "HEAD":  # every GET route answers HEAD: the same status and headers, no body
+            scope = {**scope, "method": "GET"}
+
+            async def headless(message):
+                if message["type"] == "http.response.body":
+                    message = {**message, "body": b""}
+                await send(message)
+
+            return await self.app(scope, receive, headless)
+        return await self.app(scope, receive, send)
+
+
+def _hostname(host: str) -> str:
+    """'Host: name:port' or '[::1]:port' -> the name."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def create_app(service) -> FastAPI:
-    app = FastAPI(title="FIS video engine", version="1")
     c = service.config
+    app = FastAPI(
+        title="FIS video engine",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+        default_response_class=SafeJSON,
+    )
+    app.add_middleware(Guard, api_key=c.serve.api_key, hosts=c.serve.allowed_hosts)
     limit = c.serve.max_body_kib * 1024
     image_kib = c.limits.max_image_kib
 
@@ -89,8 +161,12 @@ def create_app(service) -> FastAPI:
         return _error(e.status, e.code, e.message, e.param, e.headers)
 
     @app.exception_handler(HTTPException)  # unknown routes, wrong methods, bad forms: same JSON shape
-    async def _http_error(_, e: HTTPException):
-        return _error(e.status_code, _CODES.get(e.status_code, "invalid_request"), str(e.detail), headers=e.headers)
+    async def _http_error(request: Request, e: HTTPException):
+        headers = e.headers
+        if e.status_code == 405:  # Allow: every method of every route at this path (Starlette names one route's)
+            methods = {m for r in app.router.routes if r.matches(request.scope)[0] != Match.NONE for m in r.methods}
+            headers = {"Allow": ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))}
+        return _error(e.status_code, _CODES.get(e.status_code, "invalid_request"), str(e.detail), headers=headers)
 
     @app.exception_handler(RequestValidationError)  # query parameters
     async def _query_error(_, e: RequestValidationError):
@@ -99,7 +175,15 @@ def create_app(service) -> FastAPI:
         return _error(422, "invalid_value", f"{param}: {first['msg']}", param)
 
     async def submit(request: Request) -> dict:
-        body = await _read_body(request, limit, image_kib)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in BODY_TYPES:
+            raise ApiError(415, "unsupported_media_type", "send the request as application/json or multipart/form-data")
+        try:
+            body = await asyncio.wait_for(_read_body(request, limit, image_kib), c.serve.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408, "request_timeout", f"the body did not arrive within {c.serve.body_timeout_s:g} s"
+            ) from None
         try:
             return await run_in_threadpool(service.submit, body)
         except ModelNotFound as e:
@@ -133,8 +217,8 @@ def create_app(service) -> FastAPI:
 
     @app.get("/v1/videos")
     def list_videos(limit: int = 20, after: str | None = None, order: str = "desc"):
-        if not 1 <= limit <= 1000:
-            raise ApiError(422, "invalid_value", f"limit must be between 1 and 1000, got {limit}", "limit")
+        if not 1 <= limit <= 100:
+            raise ApiError(422, "invalid_value", f"limit must be between 1 and 100, got {limit}", "limit")
         if order not in ("asc", "desc"):
             raise ApiError(422, "invalid_value", f"order must be asc or desc, got {order[:20]!r}", "order")
         if after is not None and not ID.fullmatch(after):
@@ -153,7 +237,7 @@ def create_app(service) -> FastAPI:
         job = _job(service, video_id)
         pending = job["status"] in ("queued", "in_progress")
         headers = {"openai-poll-after-ms": str(c.serve.poll_after_ms)} if pending else None
-        return JSONResponse(job, headers=headers)
+        return SafeJSON(job, headers=headers)
 
     @app.get("/v1/videos/{video_id}/content")
     def get_content(video_id: str, variant: str = "video"):
@@ -181,7 +265,7 @@ def create_app(service) -> FastAPI:
     @app.get("/healthz")
     def healthz():
         ok, report = service.health()
-        return JSONResponse(report, 200 if ok else 503)
+        return SafeJSON(report, 200 if ok else 503)
 
     @app.get("/v1/models")
     def models():
@@ -265,15 +349,28 @@ async def _read_body(request: Request, limit: int, image_kib: int = 0):
         image = body.get("input_reference")
     else:
         try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
-            raise ApiError(400, "invalid_body", f"request body is not valid JSON: {e}", "body") from None
+            body = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)  # strict UTF-8: no surrogates smuggled
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_body", "request body is not valid UTF-8", "body") from None
+        except (ValueError, RecursionError) as e:  # bad JSON, a key given twice, absurd nesting
+            raise ApiError(400, "invalid_body", f"request body is not valid JSON: {str(e)[:200]}", "body") from None
         image = _image_of(body)
     if size - (len(image) if isinstance(image, (str, bytes)) else 0) > limit:
         raise ApiError(
             413, "request_too_large", f"request body exceeds the limit of {limit} bytes (not counting the image)"
         )
     return body
+
+
+def _unique(pairs: list) -> dict:
+    """A JSON object whose keys are each given once: with two, a filter in front and this server could read
+    different values."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {json.dumps(twice)[:60]} is given twice")
+    return out
 
 
 def _image_of(body):

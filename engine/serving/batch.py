@@ -185,6 +185,12 @@ class Batch:
         tqdm.write(f"{self.manifest}:{entry['line']}: {entry['reason']}", file=sys.stderr)
 
     # ---- the end --------------------------------------------------------------------------------------------
+    def not_run(self) -> list[str]:
+        """Pending lines with no outcome: neither rendered nor failed (under torchrun the queue is never taken
+        from, groups take their lines by position; on Ray what every lost group left)."""
+        seen = {*self.rendered, *(e["id"] for e in self.errors)}
+        return [i.id for i in self.pending if i.id not in seen]
+
     def summary(self, backend: str, groups: int, ranks: int) -> dict:
         self.bar.n = len(self.rendered) + len(self.errors)  # torchrun: the other groups' lines, now known
         self.bar.close()
@@ -203,7 +209,7 @@ class Batch:
             "failures": failures,
             "done_ids": sorted(self.rendered),
             "skipped_ids": [i.id for i in self.skipped],
-            "not_run": [i.id for i in self._queue],  # left when every render group was lost
+            "not_run": self.not_run(),  # left when every render group was lost
             "total_time_s": round(elapsed, 3),
             "videos_per_hour": round(len(self.rendered) / elapsed * 3600, 2) if self.rendered else 0.0,
         }

@@ -15,10 +15,12 @@ MASTER_ADDR, MASTER_PORT; parallel.init_parallel): torchrun sets them, the Ray e
 from __future__ import annotations
 
 import os
+import secrets
+import threading
 import time
 from typing import Protocol
 
-from engine.errors import Cancelled, UserError, one_line
+from engine.errors import UserError, one_line
 from engine.runtime.io import mp4_bytes, to_uint8
 from engine.runtime.request import GenerationRequest
 from engine.runtime.timing import gpu_info
@@ -73,7 +75,7 @@ class GroupMember:
                 on_step(k, n)
 
         try:
-            out = self.worker.execute("generate", req, on_step=step, cancel=cancel)
+            out = self.worker.execute("generate", req, on_step=step, cancel=cancel, in_step=True)
         finally:
             self.progress = (0, 0)  # a driver polling before the next request starts must not see this one's
         if out["frames"] is None:
@@ -99,18 +101,33 @@ class GroupMember:
 
 
 class LocalExecutor:
-    """A worker group of one, in this process: the model loads here and requests run on the caller's thread."""
+    """A worker group of one, in this process: the model loads here and requests run on the caller's thread, while
+    a watcher thread polls (on_poll, like RayExecutor's driver: heartbeats, cancellation) every `poll_s`, so a
+    cancel lands within a block of the step, not at its end."""
 
-    def __init__(self, cfg: WorkerConfig):
+    def __init__(self, cfg: WorkerConfig, poll_s: float = 0.2):
         self.member = GroupMember(cfg)
         self.info, self.describe = self.member.worker.info, self.member.worker.describe()
+        self.poll_s = poll_s
 
     def run(self, req: GenerationRequest, on_poll=None, fps: int | None = None) -> dict:
-        def on_step(k: int, n: int) -> None:
-            if on_poll is not None and on_poll(k, n):
-                raise Cancelled()
+        job, done = secrets.token_hex(8), threading.Event()
 
-        return self.member.run(req, on_step=on_step, fps=fps)
+        def watch() -> None:
+            while not done.wait(self.poll_s):
+                if on_poll(*self.member.progress):
+                    self.member.cancel(job)  # the Worker stops at its next block
+                    return
+
+        watcher = threading.Thread(target=watch, name="fis-poll", daemon=True)
+        if on_poll is not None:
+            watcher.start()
+        try:
+            return self.member.run(req, job, fps=fps)
+        finally:
+            done.set()
+            if watcher.is_alive():
+                watcher.join()
 
     def health(self) -> list[dict]:
         return [{"rank": 0, "alive": True, **self.member.health()}]

@@ -10,6 +10,10 @@ the client may already have moved on and a re-run would silently cost a full gen
 
 Job ids come from `secrets` (128 random bits) and are the only input to a file name.
 
+State is bounded: finished jobs and their files are removed `retention_s` after they finish (purge; the video object
+shows when as `expires_at`), and a job cancelled before it started keeps its place in the queue's count until it is
+removed (DELETE again, or retention), so submitting and cancelling cannot fill the database past queue_size.
+
 Records are shown as OpenAI's video object (video()): status queued | in_progress | completed | failed (a cancelled
 job is failed with error code "cancelled"), progress an integer percent, times in unix seconds, error
 {code, message}; the engine's extras (the request, steps, fis, timings) under their own keys.
@@ -60,18 +64,29 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 """
 # columns added since the first version: a store made by an older one gains them on open
 _ADDED = {"meta": "TEXT", "error_code": "TEXT"}
+# a running job that stopped without finishing: interrupted, or cancelled as its client asked
+_STOPPED = (
+    "UPDATE jobs SET state = CASE WHEN cancel = 1 THEN 'cancelled' ELSE 'failed' END, "
+    "error = CASE WHEN cancel = 1 THEN ? ELSE ? END, "
+    "error_code = CASE WHEN cancel = 1 THEN 'cancelled' ELSE 'interrupted' END, finished_at = ? "
+)
 
 
 class QueueFull(Exception):
     """The bounded queue holds `capacity` jobs already."""
 
     def __init__(self, capacity: int):
+        self.capacity = capacity
         super().__init__(f"the queue is full ({capacity} jobs waiting); retry later")
+
+    def __reduce__(self):  # across Ray (pickled): rebuilt from the capacity, not from the message
+        return QueueFull, (self.capacity,)
 
 
 class JobStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, retention_s: float | None = None):
         self.root = Path(root)
+        self.retention_s = retention_s  # None: kept until deleted
         self.videos = self.root / "videos"
         self.videos.mkdir(parents=True, exist_ok=True)
         self.path = self.root / "jobs.sqlite3"
@@ -122,14 +137,16 @@ class JobStore:
         meta: what the video object shows beside the request ('model', 'fps', 'fis_source', 'notes')."""
         job_id = "video_" + secrets.token_hex(16)
         with self._tx() as db:
-            (waiting,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
+            (waiting,) = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'queued' OR (state = 'cancelled' AND started_at IS NULL)"
+            ).fetchone()
             if waiting >= capacity:
                 raise QueueFull(capacity)
             db.execute(
                 "INSERT INTO jobs (id, state, request, created_at, steps, meta) VALUES (?, 'queued', ?, ?, ?, ?)",
                 (job_id, json.dumps(request), time.time(), request["steps"], json.dumps(meta or {})),
             )
-            return video(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return video(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone(), self.retention_s)
 
     def claim(self, owner: str) -> tuple[str, dict] | None:
         """The oldest queued job, now running under `owner`: (id, request) or None."""
@@ -225,28 +242,42 @@ class JobStore:
         return "deleted"
 
     def expire(self, lease_s: float) -> int:
-        """Running jobs whose replica stopped renewing them -> failed (interrupted). Returns how many."""
+        """Running jobs whose replica stopped renewing them -> failed (interrupted), or cancelled where the client
+        had asked. Returns how many."""
         with self._tx() as db:
             return db.execute(
-                "UPDATE jobs SET state = 'failed', error = ?, error_code = 'interrupted', finished_at = ? "
-                "WHERE state = 'running' AND heartbeat_at < ?",
-                (INTERRUPTED, time.time(), time.time() - lease_s),
+                _STOPPED + "WHERE state = 'running' AND heartbeat_at < ?",
+                (CANCELLED, INTERRUPTED, time.time(), time.time() - lease_s),
             ).rowcount
 
     def interrupt(self, owner: str) -> int:
-        """A replica shutting down: its running jobs -> failed (interrupted) now, without waiting for the lease."""
+        """A replica shutting down: its running jobs -> failed (interrupted) now, without waiting for the lease;
+        cancelled where the client had asked."""
         with self._tx() as db:
             return db.execute(
-                "UPDATE jobs SET state = 'failed', error = ?, error_code = 'interrupted', finished_at = ? "
-                "WHERE state = 'running' AND owner = ?",
-                (INTERRUPTED, time.time(), owner),
+                _STOPPED + "WHERE state = 'running' AND owner = ?", (CANCELLED, INTERRUPTED, time.time(), owner)
             ).rowcount
+
+    def purge(self) -> int:
+        """Finished jobs older than the retention: record, video and metrics removed. Returns how many."""
+        if self.retention_s is None:
+            return 0
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id FROM jobs WHERE state IN ('completed', 'failed', 'cancelled') AND finished_at < ?",
+                (time.time() - self.retention_s,),
+            ).fetchall()
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(r["id"],) for r in rows])
+        for r in rows:
+            self.video_path(r["id"]).unlink(missing_ok=True)
+            self.metrics_path(r["id"]).unlink(missing_ok=True)
+        return len(rows)
 
     # ---- reading -----------------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict | None:
         with self._tx(write=False) as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else video(row)
+        return None if row is None else video(row, self.retention_s)
 
     def list(self, limit: int = 100, after: str | None = None, order: str = "desc") -> tuple[list[dict], bool]:
         """(a page of video objects, whether more follow): newest first ('desc') or oldest first, after the job
@@ -264,7 +295,7 @@ class JobStore:
                 f"SELECT * FROM jobs {where} ORDER BY created_at {direction}, rowid {direction} LIMIT ?",
                 (*args, limit + 1),
             ).fetchall()
-        return [video(r) for r in rows[:limit]], len(rows) > limit
+        return [video(r, self.retention_s) for r in rows[:limit]], len(rows) > limit
 
     def counts(self) -> dict:
         with self._tx(write=False) as db:
@@ -272,7 +303,7 @@ class JobStore:
         return {s: 0 for s in STATES} | {r["state"]: r["n"] for r in rows}
 
 
-def video(row: sqlite3.Row) -> dict:
+def video(row: sqlite3.Row, retention_s: float | None = None) -> dict:
     """A job as the API shows it: OpenAI's video object, then the engine's extras."""
     t = dict(row)
     meta = json.loads(t.get("meta") or "{}")
@@ -294,7 +325,7 @@ def video(row: sqlite3.Row) -> dict:
         "progress": percent,
         "created_at": int(t["created_at"]),
         "completed_at": None if t["finished_at"] is None else int(t["finished_at"]),
-        "expires_at": None,
+        "expires_at": None if t["finished_at"] is None or retention_s is None else int(t["finished_at"] + retention_s),
         "prompt": req["prompt"],
         "seconds": seconds_of(req["num_frames"], meta.get("fps", 16)),
         "size": f"{req['width']}x{req['height']}",

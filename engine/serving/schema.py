@@ -13,6 +13,12 @@ embedded in the request as it is read.
 
 A preset the request did not ask for (the server's default) never fails it: where it cannot apply (too few latent
 frames for its stride, too few steps) the request runs dense and says so (build: `notes`).
+
+Everything a client sends is bounded before the server builds anything from it: text must be valid Unicode (a lone
+surrogate cannot be stored or shown) and at most limits.max_prompt_chars; a size is checked against the model's
+multiple and the server's limits; a job's denoising cost against limits.max_pflops; an image from its header
+(formats, pixels) before a byte is decoded, and not at all for a model that takes none; every message quotes the
+client's values cut short (_show).
 """
 
 from __future__ import annotations
@@ -72,7 +78,13 @@ class Limits:
     max_side: int = MAX_SIDE
     max_frames: int = MAX_FRAMES
     max_steps: int = 1000
-    max_image_kib: int = 8192  # the decoded reference image
+    max_image_kib: int = 8192  # the reference image's file
+    max_image_pixels: int = images.MAX_PIXELS  # the reference image's width x height, read from its header
+    max_prompt_chars: int = 32000  # prompt and negative_prompt, each (OpenAI's bound)
+    # a job's denoising cost, in PFLOP as metrics' flops_dense_P counts it; 0: 4x the model's default video at
+    # max_steps steps with CFG (model-relative, so the same setting is sane for the embedded model and Wan 14B)
+    max_pflops: float = 0.0
+    max_job_s: float = 0.0  # a running job is stopped after this long (0: never)
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,7 @@ def parse(
     image_root: a manifest's folder, where `image` paths are read from; None (HTTP): the image itself only."""
     if not isinstance(obj, dict):
         raise FieldError("body", f"the request must be a JSON object, got {type(obj).__name__}")
+    _valid_text(obj)
     allowed = (*FIELDS, "id") if allow_id else FIELDS
     unknown = sorted(k for k in obj if k not in allowed)
     if unknown:
@@ -114,6 +127,9 @@ def parse(
     prompt = _str(obj, "prompt")
     if not prompt.strip():
         raise FieldError("prompt", "prompt must be a non-empty string")
+    for name in ("prompt", "negative_prompt"):
+        if isinstance(obj.get(name), str) and len(obj[name]) > limits.max_prompt_chars:
+            raise FieldError(name, f"{name} is {len(obj[name])} characters; the limit is {limits.max_prompt_chars}")
     if "model" in obj:
         _str(obj, "model")  # which model: checked against the served one by build()
     height, width = _size(obj, limits)
@@ -151,6 +167,7 @@ def build(
     req, job_id = parse(obj, limits, default_fis, info, allow_id, image_root)
     if model_name is not None and obj.get("model", model_name) != model_name:
         raise ModelNotFound(f"model {_show(obj['model'])} is not served here; this server serves {model_name!r}")
+    _check_size(req, info, limits, obj)
     asked = "fis" in obj
     notes: list[str] = []
     if not asked and req.fis is not None:
@@ -168,7 +185,63 @@ def build(
         req = validate(req, info)
     except UserError as e:
         raise _named(e, obj) from None
+    _check_cost(req, info, limits)
     return Parsed(req, job_id, "request" if asked else "server default", tuple(notes))
+
+
+def budget_pflops(info: ModelInfo, limits: Limits) -> float | None:
+    """The server's denoising budget per job (limits.max_pflops; 0: 4x the model's default video at max_steps
+    steps with CFG), or None where the model's FLOPs are unknown."""
+    if limits.max_pflops:
+        return limits.max_pflops
+    h, w = info.default_size
+    default = GenerationRequest("x", "", h, w, info.default_frames, limits.max_steps, 2.0)
+    cost = info.dense_pflops(default)
+    return None if cost is None else 4 * cost
+
+
+def _check_cost(req: GenerationRequest, info: ModelInfo, limits: Limits) -> None:
+    budget, cost = budget_pflops(info, limits), info.dense_pflops(req)
+    if budget is not None and cost is not None and cost > budget:
+        raise FieldError(
+            None,
+            f"this request would cost about {cost:.3g} PFLOP of denoising; the server's budget per job is "
+            f"{budget:.3g} (limits.max_pflops): ask for a smaller size, fewer frames or fewer steps",
+        )
+
+
+def _check_size(req: GenerationRequest, info: ModelInfo, limits: Limits, obj: dict) -> None:
+    """Height and width against the model's multiple and the server's limit, under the field the client sent."""
+    m = info.size_multiple
+    for name, v in (("height", req.height), ("width", req.width)):
+        if v is not None and (v % m or not m <= v <= limits.max_side):
+            field = "size" if "size" in obj else name
+            shown = f"size {_show(obj['size'])}" if field == "size" else f"{name} {v}"
+            raise FieldError(
+                field, f"{shown}: each side must be a multiple of {m}, from {m} to {limits.max_side}, for this model"
+            )
+
+
+def _valid_text(obj, where: str = "", depth: int = 0) -> None:
+    """Every string of the request, keys too, as valid Unicode: a lone surrogate ("\\ud800", legal JSON) can be
+    neither stored as UTF-8 nor shown back."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        name = f"{where}.{k}" if where else str(k)
+        for text in (k, v):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = _safe(name)
+                    raise FieldError(shown, f"{shown} is not valid Unicode text (a lone surrogate)") from None
+        if isinstance(v, (dict, list)) and depth < 4:
+            _valid_text(v, name, depth + 1)
+
+
+def _safe(text: str) -> str:
+    """A name a client made, printable and bounded whatever it holds."""
+    return text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:60]
 
 
 def check_for(req: GenerationRequest, info: ModelInfo) -> GenerationRequest:
@@ -259,7 +332,7 @@ def _int(obj, name, default, lo, hi):
     if isinstance(v, bool) or not isinstance(v, int):
         raise FieldError(name, f"{name} must be an integer, got {_show(v)}")
     if not lo <= v <= hi:
-        raise FieldError(name, f"{name} must be between {lo} and {hi}, got {v}")
+        raise FieldError(name, f"{name} must be between {lo} and {hi}, got {_show(v)}")
     return v
 
 
@@ -270,7 +343,7 @@ def _number(obj, name, default, lo, hi):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise FieldError(name, f"{name} must be a number, got {_show(v)}")
     if not lo <= v <= hi:  # also rejects NaN, which json accepts
-        raise FieldError(name, f"{name} must be between {lo} and {hi}, got {v}")
+        raise FieldError(name, f"{name} must be between {lo} and {hi}, got {_show(v)}")
     return float(v)
 
 
@@ -318,7 +391,7 @@ def _size(obj, limits: Limits) -> tuple[int | None, int | None]:
         )
     for v in (w, h):
         if not 1 <= v <= limits.max_side:
-            raise FieldError("size", f"size sides must be between 1 and {limits.max_side}, got {s!r}")
+            raise FieldError("size", f"size sides must be between 1 and {limits.max_side}, got {_show(s)}")
     return h, w
 
 
@@ -349,7 +422,7 @@ def _image(obj, limits: Limits, root: Path | None, info: ModelInfo | None = None
             if len(v) > max_bytes:
                 raise FieldError(name, f"image is {len(v) // 1024} KiB; the limit is {limits.max_image_kib} KiB")
             try:
-                return images.embed(v)
+                return images.embed(v, max_pixels=limits.max_image_pixels)
             except UserError as e:
                 raise FieldError(name, str(e)) from None
     if not isinstance(v, str) or not v.strip():
@@ -357,9 +430,9 @@ def _image(obj, limits: Limits, root: Path | None, info: ModelInfo | None = None
         raise FieldError(name, f"{name} must be {what}{' or a file path' if root else ''}, got {_show(v)}")
     try:
         if root is None or images.is_data(v):
-            return images.embed(images.decode_base64(v, max_bytes))
+            return images.embed(images.decode_base64(v, max_bytes), max_pixels=limits.max_image_pixels)
         shown = f"image {v!r}"
-        return images.embed(images.read_file(Path(root) / v, v, max_bytes), shown)
+        return images.embed(images.read_file(Path(root) / v, v, max_bytes), shown, max_pixels=limits.max_image_pixels)
     except UserError as e:
         raise FieldError(name, str(e)) from None
 
@@ -389,7 +462,10 @@ def _fis(spec, default: str, family: str) -> FISConfig | None:
 
 def _show(v) -> str:
     """A user value in a message, bounded: a huge field must not make a huge error."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"an integer of {len(str(v))} digits"
     text = repr(v) if not isinstance(v, bytes) else f"<{len(v)} bytes>"
+    text = text.encode("ascii", "backslashreplace").decode()
     return text if len(text) <= 60 else text[:57] + "..."
 
 
