@@ -2,7 +2,7 @@
 and a worker node, separate raylets with 2 CPUs each). Two Serve replicas, one per node, each driving a worker group
 beside it, share the job store actor on the head; jobs run on both; the worker node is killed mid-job: its job
 fails with the reason, the other replica goes on serving, nothing completed is lost and the queue drains. Batch
-rendering spreads its groups over both nodes."""
+rendering (run first, beside the app) spreads its groups over both nodes."""
 
 from __future__ import annotations
 
@@ -83,6 +83,22 @@ def _owners(config, ids) -> dict[str, str]:
         db.close()
 
 
+def test_batch_rendering_spans_both_nodes(app, tiny_path, tmp_path):
+    """Beside the app (each replica's group holds one of its node's two CPUs), two render groups of one rank find
+    one free CPU per node: one group on each."""
+    from ray._private.state import available_resources_per_node
+
+    assert sorted(r.get("CPU", 0) for r in available_resources_per_node().values()) == [1.0, 1.0]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"prompt": f"a dog number {i}", **QUICK, "seed": i}) for i in range(4)))
+    out = tmp_path / "out"
+    args = ["--output-dir", out, "--model", tiny_path("t2v"), "--ray", "--groups", "2", "--device", "cpu"]
+    r = run_cli("render.py", manifest, *args, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["groups"], s["ranks_per_group"], s["done"], s["failed"], s["not_run"]) == (2, 1, 4, 0, [])
+
+
 def test_two_nodes_serve_lose_one_and_drain(app, ray_cluster):
     url, config = app
     head = ray.get_runtime_context().get_node_id()
@@ -120,16 +136,3 @@ def test_two_nodes_serve_lose_one_and_drain(app, ray_cluster):
         assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
     ray_cluster.add_node(num_cpus=2)  # the next tests get their two nodes back
     ray_cluster.wait_for_nodes()
-
-
-def test_batch_rendering_spans_both_nodes(ray_cluster, tiny_path, tmp_path):
-    """Two render groups of 2 ranks on nodes of 2 CPUs each: one group per node."""
-    assert [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"]] == [2.0, 2.0]
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text("\n".join(json.dumps({"prompt": f"a dog number {i}", **QUICK, "seed": i}) for i in range(4)))
-    out = tmp_path / "out"
-    args = ["--output-dir", out, "--model", tiny_path("t2v"), "--ray", "--groups", "2", "--ulysses", "2"]
-    r = run_cli("render.py", manifest, *args, "--device", "cpu", "--no-progress")
-    assert r.returncode == 0, r.stderr
-    s = json.loads((out / "summary.json").read_text())
-    assert (s["groups"], s["ranks_per_group"], s["done"], s["failed"], s["not_run"]) == (2, 2, 4, 0, [])

@@ -161,6 +161,7 @@ def test_a_request_over_the_compute_budget_is_refused_up_front(server):
     assert "PFLOP" in err["message"] and "limits.max_pflops" in err["message"], err
 
 
+@pytest.mark.slow  # a step of ~25 s, stopped early
 def test_delete_stops_a_long_step_within_seconds(server):
     vid = _post(server, {"prompt": "x", **LONG_STEP}).json()["id"]  # one step of ~25 s on the CI machine
     end = time.time() + 60
@@ -174,6 +175,7 @@ def test_delete_stops_a_long_step_within_seconds(server):
     assert v["error"]["code"] == "cancelled" and v["steps"]["done"] == 0 and time.time() - t0 < 5, v
 
 
+@pytest.mark.slow  # a step of ~25 s, stopped early
 def test_a_job_past_the_deadline_is_stopped(server):
     t0 = time.time()
     v = _wait(server, _post(server, {"prompt": "x", **LONG_STEP, "seed": 1}).json()["id"], timeout=60)
@@ -181,6 +183,7 @@ def test_a_job_past_the_deadline_is_stopped(server):
     assert "limits.max_job_s" in v["error"]["message"] and time.time() - t0 < 6 + 5
 
 
+@pytest.mark.slow  # a step of ~25 s, stopped early
 def test_a_cancelled_step_leaves_the_worker_exact(server):
     """The worker a block-level cancel interrupted makes the same video as before it."""
     from engine.runtime.request import GenerationRequest

@@ -111,19 +111,19 @@ class LocalExecutor:
         self.poll_s = poll_s
 
     def run(self, req: GenerationRequest, on_poll=None, fps: int | None = None) -> dict:
-        job, done = secrets.token_hex(8), threading.Event()
+        job, done, member = secrets.token_hex(8), threading.Event(), self.member  # shutdown() may drop self.member
 
         def watch() -> None:
             while not done.wait(self.poll_s):
-                if on_poll(*self.member.progress):
-                    self.member.cancel(job)  # the Worker stops at its next block
+                if on_poll(*member.progress):
+                    member.cancel(job)  # the Worker stops at its next block
                     return
 
         watcher = threading.Thread(target=watch, name="fis-poll", daemon=True)
         if on_poll is not None:
             watcher.start()
         try:
-            return self.member.run(req, job, fps=fps)
+            return member.run(req, job, fps=fps)
         finally:
             done.set()
             if watcher.is_alive():
