@@ -18,8 +18,10 @@ COMMANDS = {
     "serve": ("launch.serve", "the HTTP endpoint on Ray Serve"),
     "render": ("launch.render", "a JSONL manifest, one video per line"),
     "bench": ("launch.bench", "the GPU benchmark on real-size random-weight models"),
+    "bench-e2e": ("launch.bench_e2e", "the whole video end to end, part by part, and cache-dit, in one process"),
     "profile": ("launch.profile_fis", "the paper's measurements on a model; calibrate a preset"),
     "eval": ("launch.eval", "fidelity of FIS against dense on the embedded model's grammar"),
+    "eval-fp8": ("launch.eval_fp8", "FP8 against bf16 on trained weights: PSNR, adherence, block sensitivity"),
     "train": ("launch.train_shapes", "train the embedded model"),
     "sp-bench": ("launch.sp_bench", "the sequence-parallel benchmark (under torchrun)"),
 }

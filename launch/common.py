@@ -44,6 +44,7 @@ def fail(message: str, prog: str = "generate") -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    d = WorkerConfig()  # the engine's defaults live in one place (engine/runtime/worker.py, README "Defaults")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="pipeline folder or hub id (default: the embedded model, engine/weights/shapes-wan)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -53,12 +54,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-scale", type=float, default=1.0)
     g.add_argument("--scheduler", default="default", help="default, euler (Lightning: --scheduler euler --shift 5)")
     g.add_argument("--shift", type=float)
-    g.add_argument("--attention-backend", help="diffusers attention backend, e.g. _native_cudnn")
+    g.add_argument(
+        "--attention-backend",
+        default=d.attention_backend,
+        help="a diffusers attention backend (e.g. _native_cudnn), fa3 (FlashAttention-3, fa3-fwd) or auto (fastest)",
+    )
+    g.add_argument(
+        "--quantize",
+        default=d.quantize,
+        choices=["off", "fp8", "auto"],
+        help="fp8: torchao float8 rowwise GEMMs in the transformer blocks (GPU; pays with --compile); auto: fp8 "
+        "where it can run",
+    )
     g.add_argument(
         "--compile",
-        default="off",
+        default=d.compile,
         choices=["off", "static", "auto"],
         help="torch.compile the blocks (the fastest on GPU: docs/benchmarks.md); static = a graph per token count",
+    )
+    g.add_argument(
+        "--vae-dtype",
+        default=d.vae_dtype,
+        choices=["fp32", "bf16", "auto"],
+        help="VAE decode dtype (auto: bf16 on GPU)",
     )
     q = p.add_argument_group("parallel (under torchrun --nproc_per_node=N)")
     q.add_argument("--ulysses", type=int, help="Ulysses degree (default: what the world size leaves)")
@@ -71,6 +89,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="spatial: each rank a slice of every frame (default); frame: contiguous frame ranges",
     )
     q.add_argument("--sp-attention", default="diffusers", choices=["diffusers", "xfuser"])
+    q.add_argument(
+        "--vae-parallel",
+        default=d.vae_parallel,
+        choices=["auto", "off"],
+        help="auto: decode over every rank of the replica (exact, DistVAE); off: rank 0 decodes alone",
+    )
 
 
 def add_request_args(p: argparse.ArgumentParser) -> None:

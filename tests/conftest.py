@@ -24,8 +24,8 @@ def tiny_path():
     return lambda variant="t2v": ensure_tiny(variant)
 
 
-# One spawned gloo world per size for the whole run, serving tests/test_parallel.py and test_parallel_hunyuan.py
-# (starting a world of CPU processes costs more than most scenarios): tests/scenarios.py.
+# One spawned gloo world per size for the whole run, serving tests/test_parallel.py, test_parallel_hunyuan.py and
+# test_vae.py (starting a world of CPU processes costs more than most scenarios): tests/scenarios.py.
 WORLD_SCENARIOS = {
     2: [
         "attention_slices",
@@ -36,8 +36,20 @@ WORLD_SCENARIOS = {
         "ring_on_cpu",
         "hunyuan_sp",
         "hunyuan_cfg",
+        "vae_decode",
+        "worker_decode",
+        "fa3_ulysses",
+        "rank_1_fails",  # last: its failure ends the world, no scenario is left to rerun
     ],
-    4: ["attention_slices", "transformer_sp_4heads", "cfg_parallel", "bad_heads", "hunyuan_sp", "hunyuan_cfg"],
+    4: [
+        "attention_slices",
+        "transformer_sp_4heads",
+        "cfg_parallel",
+        "bad_heads",
+        "hunyuan_sp",
+        "hunyuan_cfg",
+        "vae_decode",
+    ],
 }
 
 
@@ -48,11 +60,13 @@ def spawned(tmp_path_factory):
 
     cache: dict[int, dict] = {}
 
-    def get(world: int, name: str) -> dict:
+    def get(world: int, name: str, failed: bool = False) -> dict:
+        """failed=True: the scenario is expected to fail; its {'error': ...} is returned."""
         if world not in cache:
             cache[world] = scenarios.run_world(world, WORLD_SCENARIOS[world], tmp_path_factory.mktemp(f"world{world}"))
         r = cache[world][name]
-        assert "error" not in r, r.get("error")
+        if not failed:
+            assert "error" not in r, r.get("error")
         return r
 
     return get

@@ -144,6 +144,53 @@ def hunyuan_run(m, shape, text):
     return m(*args, **kw)[0]
 
 
+def tiny_vaes() -> dict:
+    """{kind: (VAE, latent channels)}: tiny random VAEs of each kind the engine decodes in parallel, seed 0 — Wan 2.1
+    (16 channels, x8, as the tiny Wan pipelines), Wan 2.2 (48 channels, x16 with its 2x2 patchify, the TI2V-5B
+    config at toy width) and HunyuanVideo 1.5 (x16, as the tiny HunyuanVideo pipelines)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, AutoencoderKLWan
+
+    from engine.models import wan
+
+    torch.manual_seed(0)
+    wan21 = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    torch.manual_seed(0)
+    toy = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+    wan22 = AutoencoderKLWan(**{**wan.VAE_2_2, **toy})
+    torch.manual_seed(0)
+    hunyuan = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1)
+    return {"wan2.1": (wan21.eval(), 16), "wan2.2": (wan22.eval(), 48), "hunyuan1.5": (hunyuan.eval(), 4)}
+
+
+def fake_fa3():
+    """A stand-in for fa3-fwd's `fa3_fwd_interface` on the CPU: its two entry points with its signatures and output
+    layouts ([B, S, H, D] out, [B, H, S] fp32 log-sum-exp), computed by PyTorch's math. The engine's fa3 wiring
+    (diffusers' _flash_3_hub backend, Ulysses included) runs on it exactly as on the real kernel."""
+    import types
+
+    def attend(q, k, v, scale):  # [B, S, H, D] -> out [B, S, H, D], lse [B, H, S]
+        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (scale or q.shape[-1] ** -0.5)
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+        return out, lse
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, *args, return_attn_probs=False, **kwargs):
+        assert not causal
+        out, lse = attend(q, k, v, softmax_scale)
+        return (out, lse) if return_attn_probs else out
+
+    def _flash_attn_forward(q, k, v, *args, causal=False, **kwargs):
+        assert not causal and len(args) == 21  # k_new ... v_descale, softmax_scale: as fa3-fwd orders them
+        out, lse = attend(q, k, v, args[-1])
+        return out, lse, torch.empty(0), torch.empty(0)
+
+    module = types.ModuleType("fa3_fwd_interface")
+    module.flash_attn_func, module._flash_attn_forward = flash_attn_func, _flash_attn_forward
+    return module
+
+
 def chunked_body(kib: int = 100):
     """A JSON body streamed without Content-Length: a size limit must hold while it streams in."""
     yield b'{"prompt": "'

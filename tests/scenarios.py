@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers import bare_transformer, diff, hunyuan_run, tiny_hunyuan_transformer
+from helpers import bare_transformer, diff, fake_fa3, hunyuan_run, tiny_hunyuan_transformer, tiny_vaes
 
 LATENT = {"even": (17, 64), "odd": (17, 48)}  # (num_frames, pixels): 5 latent frames of 4x4 / 3x3 tokens
 PROMPT = {"prompt": "a red ball moving left", "negative_prompt": "dark blue sky"}
@@ -207,6 +208,9 @@ def cfg_parallel():
     world = dist.get_world_size()
     ctx = _ctx(cfg=2, ulysses=world // 2)
     pipe = build_pipeline("t2v")
+    # a short context (the pipeline pads to 1000 Qwen + 256 ByT5 + 729 image tokens): still mostly padding, so the
+    # mask paths run, at a tenth of the CPU time
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 48, 16, 16
     pipe.set_progress_bar_config(disable=True)
     calls = [0]
     pipe.transformer.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -323,6 +327,9 @@ def hunyuan_cfg():
     world = dist.get_world_size()
     ctx = _ctx(cfg=2, ulysses=world // 2)
     pipe = build_pipeline("t2v")
+    # a short context (the pipeline pads to 1000 Qwen + 256 ByT5 + 729 image tokens): still mostly padding, so the
+    # mask paths run, at a tenth of the CPU time
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 48, 16, 16
     pipe.set_progress_bar_config(disable=True)
     calls, out = [0], {}
     pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -377,6 +384,132 @@ def hunyuan_cfg():
     return out
 
 
+@scenario
+def rank_1_fails():
+    """Rank 1 raises while rank 0 waits in a collective: the driver must report rank 1's own error, at once."""
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 failed on purpose")
+    dist.all_reduce(torch.zeros(1))
+    return {"rank_0_finished": 1.0}
+
+
+# ---- FlashAttention-3 (fa3) under Ulysses ---------------------------------------------------------------------
+@scenario
+def fa3_ulysses():
+    """The fa3 backend (diffusers' _flash_3_hub on fa3-fwd's entry points; here tests/helpers.fake_fa3, the same
+    signatures computed by PyTorch on the CPU) under Ulysses, with FIS: equal to PyTorch's attention in one process,
+    for Wan and HunyuanVideo 1.5 (joint attention, text padding dropped as the Worker does)."""
+    import sys
+
+    import engine.hooks.attention_backend as ab
+    from engine.hooks.fis import apply_fis, remove_fis
+    from engine.models.hunyuan15 import drop_text_padding
+    from parallel import parallelize_transformer
+
+    sys.modules[ab.FA3_MODULE] = fake_fa3()
+    ab.fa3_missing = lambda device=None: []  # no GPU here; the scenario's process ends with the world
+    world = dist.get_world_size()
+    ctx = _ctx(ulysses=world)
+    out = {}
+    torch.manual_seed(1)
+    x, text = torch.randn(1, 16, 5, 6, 6), torch.randn(1, 12, 32)  # [B, C, F, H, W], [B, L, C]
+    wan = bare_transformer(heads=world)
+
+    def run_wan():
+        with torch.no_grad():
+            return wan(hidden_states=x, timestep=torch.tensor([700]), encoder_hidden_states=text, return_dict=False)[0]
+
+    hy = tiny_hunyuan_transformer(heads=world)
+    undo = drop_text_padding(hy)
+    for name, model, run in (("wan", wan, run_wan), ("hunyuan", hy, lambda: hunyuan_run(hy, (6, 4, 6), "padded"))):
+        for fis in (False, True):
+            if fis:
+                apply_fis(model, _fis() if name == "wan" else _hy_fis()).begin(4)
+            ref = run()  # PyTorch's attention, one process
+            handle = parallelize_transformer(model, ctx, attention_backend="fa3")
+            procs = [getattr(m, "processor", None) for m in model.modules()]
+            backends = {str(p._attention_backend) for p in procs if hasattr(p, "_attention_backend")}
+            tag = f"{name}_{'fis' if fis else 'dense'}"
+            out[tag] = diff(run(), ref)
+            out[f"{name}_backend_{tag.split('_')[1]}"] = float(backends == {"AttentionBackendName._FLASH_3_HUB"})
+            handle.remove()
+            if fis:
+                remove_fis(model)
+    undo()
+    return out
+
+
+# ---- parallel VAE decode ------------------------------------------------------------------------------------
+VAE_LATENTS = ((2, 8, 6), (2, 10, 4))  # [F, H, W]: bands even over 2 and 4 ranks; 10 rows: uneven bands
+
+
+@scenario
+def vae_decode():
+    """Each tiny VAE kind decoded over every rank (DistVAE's halo-exchange shards, gathered on the leader) equals the
+    one-process decode; a rank other than the leader holds only its band of rows; rows that do not split over the
+    ranks fall back to the leader alone (still exact)."""
+    import math
+
+    from parallel.vae import parallelize_vae
+
+    world = dist.get_world_size()
+    ctx = _ctx(ulysses=world)
+    out = {}
+    for kind, (vae, channels) in tiny_vaes().items():
+        g = torch.Generator().manual_seed(1)
+        latents = [torch.randn(1, channels, *shape, generator=g) for shape in (*VAE_LATENTS, (2, 2, 4))]
+        with torch.no_grad():
+            refs = [vae.decode(z).sample for z in latents]  # [B, 3, F, H, W], one process
+            dec = parallelize_vae(vae, ctx)
+            out[f"{kind}_sharded"] = float(dec.sharded is not None)
+            for z, ref in zip(latents, refs):
+                rows = z.shape[3]
+                with dec.decoding(rows) as ranks:
+                    got = vae.decode(z).sample if ranks > 1 or ctx.is_leader else None
+                tag = f"{kind}_{rows}x{z.shape[4]}"  # the same keys in the same order on every rank (max-reduced)
+                out[f"ranks_{tag}"] = float(ranks)
+                out[f"diff_{tag}"] = diff(got, ref) if ctx.is_leader else 0.0
+                # a rank other than the leader: its rows of the output, as a fraction; bound ceil(rows / ranks) / rows
+                out[f"share_{tag}"] = 0.0 if ctx.is_leader or got is None else got.shape[3] / ref.shape[3]
+                out[f"bound_{tag}"] = math.ceil(rows / world) / rows
+            out[f"{kind}_restored"] = float(vae.decoder is dec.whole)
+    from engine.models.patch_vae import PatchVAE  # the embedded model's linear VAE: no DistVAE adapter
+
+    dec = parallelize_vae(PatchVAE(), ctx)
+    out["patch_vae_sharded"] = float(dec.sharded is not None)
+    out["patch_vae_reason"] = float("no decoder adapter" in (dec.reason or ""))
+    return out
+
+
+@scenario
+def worker_decode():
+    """The Worker on a tiny Wan pipeline with Ulysses over every rank: the video decoded over the replica's ranks
+    equals the leader-only decode (vae_parallel off), and only the leader returns frames."""
+    from engine.runtime.request import GenerationRequest
+    from engine.runtime.worker import Worker, WorkerConfig
+    from engine.testbed.tiny_wan import ensure_tiny
+
+    world = dist.get_world_size()
+    if dist.get_rank() == 0:  # one builder: the others would race it (and transformers saves weights on rank 0 only)
+        ensure_tiny("t2v")  # under FIS_CACHE, the session's folder (conftest)
+    dist.barrier()
+    model = str(ensure_tiny("t2v"))
+    req = GenerationRequest(prompt="a red ball moving left", height=64, width=64, num_frames=9, steps=2)
+    out = {}
+    runs = {}
+    for mode in ("auto", "off"):
+        worker = Worker(WorkerConfig(model=model, ulysses=world, vae_parallel=mode))
+        r = worker.generate(req)
+        runs[mode] = r
+        out[f"ranks_{mode}"] = float(r["metrics"]["decode"]["ranks"])
+        out[f"frames_{mode}"] = float(r["frames"] is not None)  # max over ranks: 1 (the leader)
+        out[f"nonleader_frames_{mode}"] = float(r["frames"] is not None and not worker.ctx.is_leader)
+    out["video_diff"] = (
+        float(abs(runs["auto"]["frames"] - runs["off"]["frames"]).max()) if runs["auto"]["frames"] is not None else 0.0
+    )
+    return out
+
+
 def main(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:
     """One rank: every scenario in `names`, in order. Rank 0 appends each finished scenario's metrics to
     out_dir/results.jsonl; a rank whose scenario raised writes out_dir/rank<r>.error and exits."""
@@ -389,6 +522,7 @@ def main(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> No
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     out = Path(out_dir)
     for name in names:
+        start = time.perf_counter()
         try:
             values = SCENARIOS[name]()
             for key, v in values.items():
@@ -401,10 +535,21 @@ def main(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> No
             os._exit(1)  # the other ranks' collectives now fail at once; the driver reads the file
         if rank == 0:
             with open(out / "results.jsonl", "a") as f:
-                f.write(json.dumps({"name": name, "values": values}) + "\n")
+                f.write(json.dumps({"name": name, "values": values, "seconds": time.perf_counter() - start}) + "\n")
     from parallel import destroy_parallel
 
     destroy_parallel()
+
+
+PRELOAD = [
+    "scenarios",
+    "engine.runtime.worker",
+    "engine.testbed.tiny_wan",
+    "engine.testbed.tiny_hunyuan",
+    "parallel",
+    "diffusers",
+    "transformers",
+]
 
 
 def run_world(world: int, names: list[str], out_dir: Path) -> dict:
@@ -413,12 +558,15 @@ def run_world(world: int, names: list[str], out_dir: Path) -> dict:
     import torch.multiprocessing as mp
     from helpers import free_port
 
+    # forkserver: the ranks are forked from one server that imported torch, diffusers and the engine once, instead
+    # of each rank importing them anew (~10 s of CPU per process, most of a world's start on the CI machine)
+    mp.set_forkserver_preload(PRELOAD)
     results, todo, attempt = {}, list(names), 0
     while todo:
         run_dir = out_dir / f"run{attempt}"
         run_dir.mkdir(parents=True)
         try:
-            mp.spawn(main, args=(world, free_port(), str(run_dir), todo), nprocs=world)
+            mp.start_processes(main, (world, free_port(), str(run_dir), todo), nprocs=world, start_method="forkserver")
         except Exception:  # noqa: BLE001 - a rank exited: its .error file says why
             pass
         done = run_dir / "results.jsonl"

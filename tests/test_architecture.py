@@ -77,6 +77,7 @@ def test_model_knowledge_lives_in_engine_models():
     assert not bad, "model names outside engine/models:\n" + "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_a_lower_floor_imports_without_the_upper_ones():
     """parallel/ and engine.models import without loading the runtime, serving or Ray (a fresh interpreter)."""
     code = (

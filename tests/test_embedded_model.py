@@ -78,6 +78,7 @@ GOLDEN = {
 _DENSE = {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt, config", sorted(GOLDEN), ids=lambda v: v.split(" on ")[0].replace(" ", "-"))
 def test_fidelity_does_not_regress(worker, prompt, config):
     from engine.evaluation.fidelity import CONFIGS
@@ -107,6 +108,7 @@ def test_patch_vae_is_an_exact_inverse_with_a_full_basis_and_close_with_the_ship
     assert 10 * torch.log10(4 / ((rec - x) ** 2).mean()) > 30  # dB
 
 
+@pytest.mark.slow
 def test_training_script_runs_and_its_output_loads(tmp_path):
     out = tmp_path / "m"
     r = run_cli("train_shapes.py", "--out", out, "--smoke", "--workers", "1", "--device", "cpu")

@@ -90,6 +90,7 @@ def test_targets_state_met_missed_and_margin():
     assert len(got) == 4 + len(fidelity.ORDERINGS) + 1 and got[-1] == (None, None)  # operator: reported
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_two_prompts(tmp_path, tiny_path):
     from PIL import Image
 

@@ -101,6 +101,7 @@ def test_bad_input_is_one_clear_line(model, tmp_path, args, msg, capsys):
     assert not any(p.suffix in (".mp4", ".json", ".gif") for p in tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_bad_input_through_a_real_process(model, tmp_path):
     r = run_cli(
         "generate.py",

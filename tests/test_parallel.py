@@ -129,3 +129,9 @@ def test_heads_not_divisible_by_ulysses_fails_before_work(results):
 
 def test_ring_needs_cuda(results):
     assert "needs CUDA attention kernels" in results(2, "ring_on_cpu")["message"]
+
+
+def test_a_rank_that_fails_reports_its_own_error(results):
+    """Not rank 0's timeout in the collective it was left in (120 s), but rank 1's traceback."""
+    r = results(2, "rank_1_fails", failed=True)
+    assert r["error"].startswith("rank1: ") and "RuntimeError: rank 1 failed on purpose" in r["error"], r

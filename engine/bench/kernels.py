@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import one_line
-from engine.hooks.attention_backend import set_attention_backend
+from engine.hooks.attention_backend import backend_name, set_attention_backend
 from engine.hooks.compile import raise_recompile_limit
 from engine.hooks.fis import profile_glue
 from engine.models import preset_family
@@ -24,8 +24,9 @@ from fis.flops import block_flops
 from .setup import Setup, attach, failure, is_oom, transformer_call
 
 # diffusers backends worth timing on an H100; the ones whose package is missing fail fast and say so.
-# _native_math is left out: it materialises the N x N scores (86 GB at 480p).
-CANDIDATES = ("_native_cudnn", "_native_flash", "native", "_native_efficient", "flash", "_flash_3", "sage")
+# _native_math is left out: it materialises the N x N scores (86 GB at 480p). fa3 is FlashAttention-3 from fa3-fwd
+# (engine/hooks/attention_backend.py); diffusers' own _flash_3 needs the upstream FA3 build.
+CANDIDATES = ("_native_cudnn", "_native_flash", "native", "_native_efficient", "flash", "fa3", "_flash_3", "sage")
 GLUE = "fis_glue"
 COMPILE_SWEEP_S = 150.0  # no new shape is compiled in the sweep after this long: the rows matter more
 
@@ -88,7 +89,7 @@ def attention_sweep(
                         q, k, v = (
                             torch.randn(1, n, heads, hd, device=device, dtype=pick_dtype("auto", device)) for _ in "qkv"
                         )
-                        name = AttentionBackendName(backend)
+                        name = AttentionBackendName(backend_name(backend))
                         sec = time_fn(lambda: dispatch_attention_fn(q, k, v, backend=name), device)  # noqa: B023
                         e.update(attn_ms=sec * 1e3, attn_tflops=4 * n * n * heads * hd / sec / 1e12)
                         del q, k, v

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.hooks.attention_backend import set_attention_backend
+from engine.errors import UserError
+from engine.hooks.attention_backend import FA3, check_attention_backend, set_attention_backend
 from engine.hooks.compile import MODES as COMPILE_MODES
 from engine.hooks.compile import compile_blocks
 from engine.models.random import MODELS, TINY_VIDEO
@@ -67,8 +68,12 @@ def validate(o: Options) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     backends = [b.value for b in AttentionBackendName]
-    if o.attention_backend != "auto" and o.attention_backend not in backends:
-        raise BenchError(f"unknown attention backend {o.attention_backend!r}; valid: auto, {', '.join(backends)}")
+    if o.attention_backend not in ("auto", FA3) and o.attention_backend not in backends:
+        raise BenchError(f"unknown attention backend {o.attention_backend!r}; valid: auto, fa3, {', '.join(backends)}")
+    try:
+        check_attention_backend(o.attention_backend, None if torch.cuda.is_available() else torch.device("cpu"))
+    except UserError as e:
+        raise BenchError(str(e)) from None
     if not o.tiny and not torch.cuda.is_available():
         raise BenchError("no CUDA device: the real-size benchmark needs a GPU (use --tiny for the CPU smoke run)")
     parse_rows(o.rows, o.ablations)

@@ -70,6 +70,13 @@ def preset_family(config) -> str | None:
     return None
 
 
+FP8_KEEP: dict[str, tuple[int, ...]] = {}  # as engine/models/wan.py: blocks --quantize fp8 leaves in bf16
+
+
+def fp8_keep(config) -> tuple[int, ...]:
+    return FP8_KEEP.get(preset_family(config), ())
+
+
 def dims(config, vae_s: int = 16, vae_t: int = 4, text_len: int = TEXT_LEN) -> DiTDims:
     return DiTDims.from_hunyuan15_config(dict(config), vae_s=vae_s, vae_t=vae_t, text_len=text_len)
 
@@ -251,5 +258,6 @@ HUNYUAN_VIDEO_15 = ModelFamily(
     text_len=text_len,
     prepare_pipeline=prepare_pipeline,
     optimise=drop_text_padding,
+    fp8_keep=fp8_keep,
     fps=24,
 )

@@ -28,6 +28,36 @@ _TINY = dict(
     rope_max_seq_len=64,
 )
 _TINY_VAE = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+# Text encoders of the real size (transformers configs): Wan's umT5-XXL (google/umt5-xxl, 5.7B, 24 layers of 4096)
+# and HunyuanVideo 1.5's Qwen2.5-VL-7B language model (28 layers of 3584, grouped-query attention).
+UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+QWEN25_VL_7B = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+)
+_TINY_TEXT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
 TINY_VIDEO = (33, 64, 64)  # frames, height, width: 9 latent frames, so stride 5 still leaves interpolated frames
 
 
@@ -42,6 +72,7 @@ class ModelSpec:
     vae_s: int = 8  # VAE spatial compression
     text_len: int = 512
     sizes: dict = field(default_factory=dict)  # (height, width) per resolution where the model differs from Wan's
+    text_encoder: dict = field(default_factory=lambda: dict(UMT5_XXL))  # UMT5Config of the real text encoder
 
     def size(self, resolution: str) -> tuple[int, int]:
         return self.sizes.get(resolution, wan.RESOLUTIONS[resolution])
@@ -58,6 +89,7 @@ class ModelSpec:
             transformer={**self.transformer, **_TINY},
             vae={**self.vae, **_TINY_VAE},
             text_len=16,
+            text_encoder={**self.text_encoder, **_TINY_TEXT, "d_model": _TINY["text_dim"]},
         )
 
 
@@ -142,33 +174,51 @@ def build_block(config: dict, device: torch.device, dtype: torch.dtype, seed: in
     return block.eval().requires_grad_(False)
 
 
-def build_random_pipeline(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def build_text_encoder(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0, vocab: int | None = None):
+    """Random-weight UMT5EncoderModel of `config` (UMT5_XXL: the real one), materialised on the device in `dtype`.
+    vocab: a smaller vocabulary (the offline tokenizer's) for the small encoders; the real one keeps its 256k rows."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        model = UMT5EncoderModel(UMT5Config(**{**config, **({"vocab_size": vocab} if vocab else {})}))
+    return model.eval().requires_grad_(False)
+
+
+def build_qwen_text(device: torch.device, dtype: torch.dtype, seed: int = 0, config: dict | None = None):
+    """Random-weight Qwen2.5-VL language model (HunyuanVideo 1.5's prompt encoder), real size unless `config`."""
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        model = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**(config or QWEN25_VL_7B)))
+    return model.eval().requires_grad_(False)
+
+
+def build_random_pipeline(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    text: str = "small",
+    spec: ModelSpec | None = None,
+):
     """A whole WanPipeline of real size with random weights: `--model random:wan2.2-a14b`.
 
     The transformers are the real architecture in `dtype` (the engine's auto: bf16 on GPU, fp32 on CPU); the VAE is
-    the real config in fp32;
-    the text encoder is a one-layer umT5 of the real width (the text encoder is not what is being timed).
+    the real config in fp32. text: 'small' (default; a one-layer umT5 of the real width: the text encoder is not what
+    `--model random:` times) or 'real' (the spec's text encoder, umT5-XXL, in `dtype`: what the end-to-end benchmark
+    times). spec: a ModelSpec to build instead of MODELS[name] (its tiny() variant for CPU smoke runs).
     """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
 
-    spec = MODELS[name]
+    spec = spec or MODELS[name]
     tokenizer = build_tokenizer(max_length=spec.text_len)
-    torch.manual_seed(seed)
-    with torch.device(device), default_dtype(dtype):
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=spec.transformer["text_dim"],
-                d_kv=64,
-                d_ff=256,
-                num_layers=1,
-                num_heads=8,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        ).eval()
+    if text == "real":
+        text_encoder = build_text_encoder(spec.text_encoder, device, dtype, seed)
+    else:
+        small = dict(d_model=spec.transformer["text_dim"], d_kv=64, d_ff=256, num_layers=1, num_heads=8)
+        text_encoder = build_text_encoder({**UMT5_XXL, **small}, device, dtype, seed, vocab=len(tokenizer))
     with torch.device(device):
         vae = AutoencoderKLWan(**spec.vae).eval()
     experts = [build_transformer(spec.transformer, device, seed + i, dtype) for i in range(spec.experts)]

@@ -66,6 +66,16 @@ def preset_family(config) -> str | None:
     return _PRESET_FAMILIES.get((config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]))
 
 
+# Blocks `--quantize fp8` leaves in bf16, per preset family: the ones measured as sensitive to FP8 (engine/evaluation/
+# quantized.py measures each block's effect on the video with trained weights). None is listed until a measurement
+# with that size's weights says otherwise; the embedded model's measurement is in docs/benchmarks.md.
+FP8_KEEP: dict[str, tuple[int, ...]] = {}
+
+
+def fp8_keep(config) -> tuple[int, ...]:
+    return FP8_KEEP.get(preset_family(config), ())
+
+
 def text_len(pipe) -> int:
     """Wan pads text to 512 tokens; a model whose tokenizer declares fewer (the embedded one: 32) was trained on
     that length, and 480 extra padding tokens would dilute its cross-attention."""
@@ -100,6 +110,7 @@ WAN = ModelFamily(
     default_size=default_size,
     encode_text=encode_text,
     text_len=text_len,
+    fp8_keep=fp8_keep,
     fps=16,
     size_multiple=16,  # WanPipeline.check_inputs: "height and width have to be divisible by 16"
 )

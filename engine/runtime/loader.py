@@ -62,6 +62,23 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype):
     return pipe
 
 
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": None}  # auto: bf16 on a GPU, fp32 on a CPU
+
+
+def set_vae_dtype(pipe, name: str = "fp32", device: torch.device | None = None) -> str:
+    """The VAE's decode dtype: fp32 (what the Wan VAEs are meant to run in, the loader's default) or bf16 (half the
+    activation traffic; its PSNR against fp32 is in docs/benchmarks.md); auto: bf16 on a GPU, fp32 on a CPU (where
+    bf16 convolutions are emulated). The pipelines cast the latents to it. Returns the dtype used."""
+    if name not in VAE_DTYPES:
+        raise UserError(f"unknown VAE dtype {name!r}; valid: {', '.join(VAE_DTYPES)}", "vae_dtype")
+    if name == "auto":
+        name = "bf16" if device is not None and device.type == "cuda" else "fp32"
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and vae.dtype != VAE_DTYPES[name]:
+        vae.to(VAE_DTYPES[name])
+    return name
+
+
 def load_loras(pipe, lora: str | None, lora_2: str | None = None, scale: float = 1.0) -> None:
     """Wan 2.2 Lightning style: `lora` -> transformer (high noise), `lora_2` -> transformer_2 (low noise).
     The adapters are fused into the weights, so inference pays nothing for them."""

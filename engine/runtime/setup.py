@@ -1,5 +1,7 @@
 """Everything the engine attaches to a pipeline's transformers, in one fixed order (like torchtitan's parallelize):
 
+  0. quantisation        FP8 weights of the blocks' linears (engine/hooks/quantize.py): weights are final before
+                         compile traces the blocks; LoRAs were fused at load, before this; not undone by remove()
   1. attention backend   on each model's attention layers, never process-wide (engine/hooks/attention_backend.py)
   2. torch.compile       each block's own forward, before any hook wraps it, so the hooks stay eager Python
   3. FIS                 one FISState shared by every transformer (both Wan 2.2 experts see the same step)
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from engine.hooks.attention_backend import set_attention_backend
 from engine.hooks.compile import compile_blocks
 from engine.hooks.fis import FISState, apply_fis, remove_fis
+from engine.hooks.quantize import quantize_blocks
 from engine.models import family_of
 from fis import FISConfig
 from parallel import parallelize_pipeline, parallelize_transformer
@@ -33,6 +36,7 @@ class Prepared:
 
     state: FISState | None = None
     parallel: object | None = None
+    quantized: dict | None = None  # what stage 0 converted (engine.hooks.quantize.quantize_blocks)
     _undo: list = field(default_factory=list)
 
     def remove(self) -> None:
@@ -44,6 +48,7 @@ def prepare(
     transformers,
     pipe=None,
     *,
+    quantize: str = "off",
     attention_backend: str | None = None,
     compile: str = "off",
     fis: FISConfig | None | object = _UNSET,
@@ -52,12 +57,16 @@ def prepare(
     shard: str = "spatial",
     sp_attention: str = "diffusers",
 ) -> Prepared:
-    """Attach the stages asked for, in the order above. fis: a config (or None = hooks attached with FIS off, so a
-    later request can turn it on); left out = no FIS hooks. optimise: the family's exact speed-ups. ctx: a
-    parallel.ParallelContext with more than one rank = parallelism (pipe given: CFG parallelism too). Errors
-    (a missing backend package, bad degrees) come before anything is left attached."""
+    """Attach the stages asked for, in the order above. quantize: 'off' or 'fp8' (every block but the family's
+    `fp8_keep` ones). fis: a config (or None = hooks attached with FIS off, so a later request can turn it on); left
+    out = no FIS hooks. optimise: the family's exact speed-ups. ctx: a parallel.ParallelContext with more than one
+    rank = parallelism (pipe given: CFG parallelism too). Errors (a missing backend package, bad degrees) come before
+    anything is left attached (quantisation, once done, stays: check it first, engine.hooks.quantize)."""
     out = Prepared()
     try:
+        if quantize != "off":
+            keep = family_of(transformers[0]).fp8_keep(transformers[0].config) or ()
+            out.quantized = quantize_blocks(transformers, quantize, keep)
         if attention_backend and not (ctx is not None and ctx.is_distributed):  # under SP, parallelize sets it
             for t in transformers:
                 set_attention_backend(t, attention_backend)

@@ -21,14 +21,27 @@ import torch
 import torch.distributed as dist
 
 from engine.errors import Cancelled, UserError, one_line
+from engine.hooks.attention_backend import check_attention_backend
+from engine.hooks.quantize import check_quantize, resolve_quantize
 from engine.models import adapter_for, family_of
 from engine.runtime import timing
 from fis import UNIT, DiTDims, generation_flops
 from parallel import Degrees, init_parallel, world_size_from_env
+from parallel.vae import parallelize_vae
 
+from .attention import pick_backend
 from .device import pick_device, pick_dtype
 from .images import prepare as prepare_image
-from .loader import EMBEDDED_NAME, check_supported, load_loras, load_pipeline, model_info, set_scheduler
+from .loader import (
+    EMBEDDED_NAME,
+    VAE_DTYPES,
+    check_supported,
+    load_loras,
+    load_pipeline,
+    model_info,
+    set_scheduler,
+    set_vae_dtype,
+)
 from .pipelines import PipelineCall
 from .request import GenerationRequest, validate
 from .setup import prepare
@@ -44,8 +57,11 @@ class WorkerConfig:
     lora_scale: float = 1.0
     scheduler: str = "default"  # 'euler' + shift 5 for Wan 2.2 Lightning
     shift: float | None = None
-    attention_backend: str | None = None  # diffusers backend name, e.g. '_native_cudnn'
+    attention_backend: str | None = None  # diffusers backend name, e.g. '_native_cudnn'; fa3; auto (fastest measured)
     compile: str = "off"  # torch.compile of the blocks: off, static (a graph per token count), auto
+    quantize: str = "off"  # fp8: torchao float8 rowwise GEMMs in the blocks (engine/hooks/quantize.py); auto
+    vae_dtype: str = "fp32"  # VAE decode dtype: fp32, bf16, auto (bf16 on a GPU)
+    vae_parallel: str = "auto"  # auto: decode over every rank of the replica (parallel/vae.py); off: the leader alone
     # one video over several processes (torchrun / a Ray worker group): see parallel/
     cfg_parallel: int = 1  # 2: cond and uncond branches on two rank groups
     ulysses: int | None = None  # None: whatever the world size leaves after cfg and ring
@@ -60,27 +76,35 @@ class WorkerConfig:
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig):
+    def __init__(self, cfg: WorkerConfig, pipe=None):
+        """pipe: an already built pipeline on the right device to serve instead of loading cfg.model (the end-to-end
+        benchmark runs several Workers, one configuration each, on one real-size random-weight pipeline)."""
         self.cfg = cfg
+        check_config(cfg)  # before anything starts or loads
         try:
             self.ctx = init_parallel(cfg.degrees())  # checks the degrees against the launch first
         except ValueError as e:
             raise UserError(str(e)) from None
         self.rank = self.ctx.rank
         self.device = self.ctx.device if self.ctx.is_distributed else pick_device(cfg.device)
-        dtype = pick_dtype(cfg.dtype, self.device)
-        self.pipe = load_pipeline(cfg.model, self.device, dtype)
+        dtype = pick_dtype(cfg.dtype, self.device) if pipe is None else pipe.transformer.dtype
+        check_attention_backend(cfg.attention_backend, self.device)
+        check_quantize(cfg.quantize, self.device, dtype)
+        self.quantize = resolve_quantize(cfg.quantize, self.device, dtype)  # auto -> fp8 or off
+        self.pipe = load_pipeline(cfg.model, self.device, dtype) if pipe is None else pipe
         load_loras(self.pipe, cfg.lora, cfg.lora_2, cfg.lora_scale)
         set_scheduler(self.pipe, cfg.scheduler, cfg.shift)
         self.transformers = check_supported(self.pipe)
         self.family = family_of(self.transformers[0])
         self.info = model_info(self.pipe)
         self.call = PipelineCall(self.pipe, self.family)
+        self.attention = self._attention_backend(cfg.attention_backend)  # (backend, why)
         try:  # the one attach order (engine/runtime/setup.py); FIS hooks on, FIS off until a request asks
             self.attached = prepare(
                 self.transformers,
                 self.pipe,
-                attention_backend=cfg.attention_backend,
+                quantize=self.quantize,
+                attention_backend=self.attention[0],
                 compile=cfg.compile,
                 fis=None,
                 optimise=True,
@@ -91,8 +115,24 @@ class Worker:
         except ValueError as e:  # bad compile mode, degrees that do not fit the model, shard
             raise UserError(str(e)) from None
         self.fis = self.attached.state  # one state for both experts
+        # the decode dtype first: the decoder's shards share its parameters
+        self.vae_dtype = set_vae_dtype(self.pipe, cfg.vae_dtype, self.device)
+        self.decoder = parallelize_vae(getattr(self.pipe, "vae", None), self.ctx, cfg.vae_parallel == "auto")
         self.interrupt = _Interrupt(self)
         self.pipe.set_progress_bar_config(disable=self.rank != 0, desc="denoise", leave=False)
+
+    def _attention_backend(self, requested: str | None) -> tuple[str | None, str]:
+        """'auto': the fastest measured at this model's heads per rank and default video size
+        (engine/runtime/attention.py); anything else as given."""
+        if requested != "auto":
+            return requested, "--attention-backend" if requested else "default (PyTorch SDPA)"
+        c = self.transformers[0].config
+        h, w = self.info.default_size
+        f = self.info.latent_frames(self.info.default_frames)
+        tokens = f * (h // self.info.vae_s // self.info.patch[1]) * (w // self.info.vae_s // self.info.patch[2])
+        return pick_backend(
+            c.num_attention_heads // self.ctx.degrees.ulysses, c.attention_head_dim, tokens, self.device
+        )
 
     def execute(self, method: str, *args, **kwargs):
         """Entry point for remote drivers (Ray actors, torchrun loops): call a method by name."""
@@ -113,6 +153,10 @@ class Worker:
             "family": self.info.family,
             "device": str(self.device),
             "dtype": str(t.dtype),
+            "attention_backend": self.attention[0],
+            "attention_backend_choice": self.attention[1],
+            "quantize": self.attached.quantized,
+            "compile": self.cfg.compile,
             "world_size": self.ctx.world_size,
             "degrees": {"cfg": d.cfg, "ulysses": d.ulysses, "ring": d.ring},
             "shard": self.cfg.shard if self.ctx.is_distributed else None,
@@ -168,12 +212,15 @@ class Worker:
         self.fis.begin(req.steps, req.fis)
         self.interrupt.begin(cancel if in_step else None)
         try:
-            with self.call.on_step_end(on_step_end) as callback:
+            # every rank of the replica decodes its band of rows when they split (parallel/vae.py); the leader
+            # alone gets the whole video, and decodes alone when they do not
+            rows = req.height // self.info.vae_s  # latent rows
+            with self.call.on_step_end(on_step_end) as callback, self.decoder.decoding(rows) as ranks:
                 out = pipe(
                     num_frames=req.num_frames,
                     num_inference_steps=req.steps,
                     generator=torch.Generator("cpu").manual_seed(req.seed),  # same noise on every rank
-                    output_type="np" if decode and self.ctx.is_leader else "latent",  # the leader decodes
+                    output_type="np" if decode and (self.ctx.is_leader or ranks > 1) else "latent",
                     **callback,
                     **extra,
                 )
@@ -186,7 +233,9 @@ class Worker:
             self.fis.begin(1, None)
         t_end = timing.now(dev)
         frames = out.frames[0] if decode and self.ctx.is_leader else None
-        return {"frames": frames, "latents": clock.latents, "metrics": self._metrics(req, t_start, clock, t_end)}
+        metrics = self._metrics(req, t_start, clock, t_end)
+        metrics["decode"] = {**self.decoder.describe(), "ranks": ranks if decode else 0, "dtype": self.vae_dtype}
+        return {"frames": frames, "latents": clock.latents, "metrics": metrics}
 
     def _metrics(self, req: GenerationRequest, t_start: float, clock: _StepClock, t_end: float) -> dict:
         plan = self.plan(req)
@@ -233,6 +282,17 @@ class Worker:
         if spacing:
             self.interrupt.every = spacing
         return flag
+
+
+VAE_PARALLEL = ("auto", "off")
+
+
+def check_config(cfg: WorkerConfig) -> None:
+    """The settings that can be refused before any process group starts or any weight loads (one line each)."""
+    if cfg.vae_dtype not in VAE_DTYPES:
+        raise UserError(f"unknown VAE dtype {cfg.vae_dtype!r}; valid: {', '.join(VAE_DTYPES)}", "vae_dtype")
+    if cfg.vae_parallel not in VAE_PARALLEL:
+        raise UserError(f"vae_parallel must be one of {', '.join(VAE_PARALLEL)}, got {cfg.vae_parallel!r}")
 
 
 class _Interrupt:

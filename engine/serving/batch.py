@@ -46,7 +46,17 @@ class Item:
 
 
 # where and how fast a video is made, not what it shows: not part of an output's identity
-_PLACEMENT = ("device", "attention_backend", "cfg_parallel", "ulysses", "ring", "shard", "sp_attention", "dp")
+_PLACEMENT = (
+    "device",
+    "attention_backend",
+    "cfg_parallel",
+    "ulysses",
+    "ring",
+    "shard",
+    "sp_attention",
+    "dp",
+    "vae_parallel",  # exact: the parallel decode equals the leader's
+)
 
 
 def model_key(cfg: WorkerConfig) -> dict:

@@ -38,7 +38,8 @@ class ServeSettings:
     port: int = 8000
 
 
-PARALLEL = ("cfg_parallel", "ulysses", "ring", "shard", "sp_attention")  # [parallel]: the Worker's own settings
+# [parallel]: the Worker's own settings
+PARALLEL = ("cfg_parallel", "ulysses", "ring", "shard", "sp_attention", "vae_parallel")
 
 
 @dataclass
