@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-OPERATORS = ("linear", "residual")
+from .operators import OPERATORS
 
 
 class FISConfigError(ValueError):
@@ -94,9 +94,11 @@ class FISConfig:
         blocks: the sparse block set. None ('auto') = every block between the protected head and
             tail; otherwise explicit indices, which must not touch the protected head/tail.
         dense_steps: the final K denoising steps run dense (Eq. 14).
-        operator: how skipped frames are rebuilt. 'linear' interpolates anchor *outputs* (paper
-            Eq. 10); 'residual' interpolates each anchor's update y - x and adds it to the skipped
-            frame's own input, which keeps the frame's own content (closer to dense in practice).
+        operator: what a sparse block computes (fis/operators.py). 'linear' interpolates anchor *outputs*
+            (paper Eq. 10); 'residual' interpolates each anchor's update y - x and adds it to the skipped
+            frame's own input; 'attn' and 'kv' run the block on every frame and make only its
+            self-attention sparse (anchors-only attention interpolated / every query against the
+            anchors' keys and values), so a skipped frame gets its own update.
         interleave: rotate the anchor offset (l - l0) mod s across sparse blocks (Eq. 11). Off =
             the same anchors in every sparse block (paper Table 2 ablation).
     """

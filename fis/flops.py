@@ -6,6 +6,10 @@ Convention: 2 FLOPs per multiply-add. Counted per transformer block:
   FFN             4*N*d*ffn
 plus patch embedding, output projection and the text projection (each well under 0.1%).
 Norms, RoPE, modulation and FIS interpolation are elementwise and not counted.
+
+A sparse block is counted as its operator computes it (fis/operators.py): 'block' scope = the dense formula on
+the anchor tokens; 'attention' scope = cross-attention and FFN on every token, the self-attention's projections
+on the tokens that enter it as queries (Q, O) and as keys (K, V), scores over queries x keys.
 With this convention Wan 2.2 A14B, 81 frames, 4 steps gives 26.09 PFLOP (720p) and 6.71 PFLOP (480p),
 matching the paper's Table 1 dense rows.
 """
@@ -13,6 +17,8 @@ matching the paper's Table 1 dense rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .operators import get as get_operator
 
 UNIT = 1e15  # PFLOP, the unit of the paper's Table 1
 
@@ -96,18 +102,29 @@ HUNYUAN_VIDEO_15 = DiTDims(
 )
 
 
-def block_flops(d: DiTDims, tokens: int) -> float:
+def block_flops(d: DiTDims, tokens: int, anchor_tokens: int | None = None, operator: str = "residual") -> float:
+    """One block on `tokens` video tokens; with `anchor_tokens`, the sparse block of `operator` (dense if None)."""
     n, c, ctx = tokens, d.dim, d.text_len + d.image_len
+    q = k = n  # tokens entering the self-attention as queries and as keys/values
+    if anchor_tokens is not None:
+        op = get_operator(operator)
+        if not op.per_frame:  # the whole block on the anchors
+            n = q = k = anchor_tokens
+        else:
+            q, k = op.self_attention(n, anchor_tokens)
     if d.joint:  # both streams: their own QKVO and FFN, one attention over [video, context]
-        s = n + ctx
-        return float(8 * s * c * c + 4 * s * s * c + 4 * s * c * d.ffn_dim)
-    self_attn = 8 * n * c * c + 4 * n * n * c
+        q, k = q + ctx, k + ctx
+        attn = 4 * q * c * c + 4 * k * c * c + 4 * q * k * c  # Q, O on the queries; K, V on the keys; scores
+        return float(attn + 4 * (n + ctx) * c * d.ffn_dim)
+    self_attn = 4 * q * c * c + 4 * k * c * c + 4 * q * k * c
     cross_attn = 4 * n * c * c + 4 * ctx * c * c + 4 * n * ctx * c
     ffn = 4 * n * c * d.ffn_dim
     return float(self_attn + cross_attn + ffn)
 
 
-def forward_flops(d: DiTDims, num_frames: int, hw: int, anchor_counts: list | None = None) -> float:
+def forward_flops(
+    d: DiTDims, num_frames: int, hw: int, anchor_counts: list | None = None, operator: str = "residual"
+) -> float:
     """One transformer forward. anchor_counts[b] = anchors of block b, or None/missing = dense."""
     n = num_frames * hw
     pt, ph, pw = d.patch
@@ -116,7 +133,7 @@ def forward_flops(d: DiTDims, num_frames: int, hw: int, anchor_counts: list | No
     total = edge
     for b in range(d.num_layers):
         a = anchor_counts[b] if anchor_counts is not None and b < len(anchor_counts) else None
-        total += block_flops(d, n if a is None else a * hw)
+        total += block_flops(d, n, None if a is None else a * hw, operator)
     return total
 
 
@@ -134,5 +151,6 @@ def generation_flops(
         if step in skipped_steps:
             continue
         counts = plan.anchor_counts(step) if plan is not None else None
-        total += cfg_passes * forward_flops(d, f, hw, counts)
+        operator = plan.config.operator if plan is not None else "residual"
+        total += cfg_passes * forward_flops(d, f, hw, counts, operator)
     return total

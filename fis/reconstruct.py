@@ -94,6 +94,13 @@ def fused_reconstruct(ya, x, left, right, a_left, a_right, w, is_anchor):
 _FUSED = {"on": os.environ.get("FIS_FUSED_GLUE", "1") != "0", "fn": None}
 
 
+def set_fused(on: bool) -> bool:
+    """The fused CUDA reconstruction on or off for this process (FIS_FUSED_GLUE=0 at start-up: off); returns the
+    previous setting. A sweep over many token counts turns it off: each count would compile its own kernel."""
+    before, _FUSED["on"] = _FUSED["on"], bool(on)
+    return before
+
+
 def _fused_call(y_a, t: FrameTables, x):
     if _FUSED["fn"] is None:
         _FUSED["fn"] = torch.compile(fused_reconstruct, dynamic=False, fullgraph=True)

@@ -24,11 +24,12 @@ COMMANDS = {
     "eval-fp8": ("launch.eval_fp8", "FP8 against bf16 on trained weights: PSNR, adherence, block sensitivity"),
     "train": ("launch.train_shapes", "train the embedded model"),
     "sp-bench": ("launch.sp_bench", "the sequence-parallel benchmark (under torchrun)"),
+    "bench-operators": ("launch.bench_operators", "every FIS operator on the real-size Wan 2.2 A14B block (GPU)"),
 }
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<9} {help}" for name, (_, help) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<15} {help}" for name, (_, help) in COMMANDS.items())
     return f"usage: fis COMMAND [flags]   (fis COMMAND --help for its flags)\n\ncommands:\n{rows}\n"
 
 

@@ -117,11 +117,16 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
         "strict (must already be the video size)",
     )
     f = p.add_argument_group("FIS")
-    f.add_argument("--fis", default="off", help="off, balanced, fast, or a preset .toml (see configs/fis/)")
+    f.add_argument("--fis", default="off", help="off, balanced, fast, quality, or a preset .toml (see configs/fis/)")
     f.add_argument("--fis-stride", type=int)
     f.add_argument("--fis-blocks", help="sparse blocks: auto, a-b or a,b,c")
     f.add_argument("--fis-dense-steps", type=int)
-    f.add_argument("--fis-operator")
+    f.add_argument(
+        "--fis-operator",
+        help="what a sparse block computes (fis/operators.py): residual (default), linear (paper Eq. 10), "
+        "attn (every frame runs the block, self-attention on the anchors), kv (every frame's queries attend to the "
+        "anchors' keys and values)",
+    )
 
 
 def worker_config(a) -> WorkerConfig:

@@ -5,7 +5,11 @@
         --out eval/
 
 Writes eval.json (every sample, summary, targets, command, versions), eval.md (table + targets met/missed)
-and eval_psnr.png / eval_frame_psnr.png. Configurations: engine/evaluation/fidelity.py CONFIGS (one line each).
+and eval_psnr.png / eval_frame_psnr.png / eval_frontier.png (speedup vs PSNR, one point per operator x stride).
+Configurations: engine/evaluation/fidelity.py CONFIGS (one line each).
+
+    python launch/eval.py --replot --out eval/ --measured operators.json
+        # eval.md and the plots again from eval.json, with the GPU-measured speedups (launch/bench_operators.py)
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ def parser() -> Parser:
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt draw")
     p.add_argument("--prompt-file", help="one prompt per line instead (adherence only for grammar prompts)")
     p.add_argument("--seeds", default="0", help="generation seeds, comma-separated")
-    p.add_argument("--configs", help="configurations besides Dense, comma-separated (default: all)")
+    p.add_argument(
+        "--configs",
+        help="configurations besides Dense, comma-separated, or groups: paper (default), operators (the frontier's "
+        "operator x stride points), all",
+    )
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int)
@@ -46,6 +54,16 @@ def parser() -> Parser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--save-videos", action="store_true", help="also write every video to OUT/videos/")
+    p.add_argument(
+        "--eq6-prompts",
+        type=int,
+        default=0,
+        help="prompts the paper's Eq. 6 probe runs on, per stride (the first of the set; default 0: not measured)",
+    )
+    p.add_argument("--replot", action="store_true", help="only rewrite eval.md and the plots from OUT/eval.json")
+    p.add_argument(
+        "--measured", help="JSON of launch/bench_operators.py: measured real-size speedups for the table and frontier"
+    )
     return p
 
 
@@ -56,6 +74,8 @@ def main(argv=None) -> int:
     from engine.errors import UserError
 
     try:
+        if a.replot:
+            return replot(a)
         return run(a, shlex.join(["python", "launch/eval.py", *argv]))
     except UserError as e:
         fail(str(e), "eval")
@@ -87,6 +107,11 @@ def inputs(a):
 
 def run(a, command: str) -> int:
     prompts, seeds, out = inputs(a)
+    measured = read_measured(a.measured)
+    if a.eq6_prompts < 0:
+        from engine.errors import UserError
+
+        raise UserError(f"--eq6-prompts must be >= 0, got {a.eq6_prompts}")
     from tqdm import tqdm
 
     from engine.evaluation import fidelity, fidelity_report
@@ -111,7 +136,13 @@ def run(a, command: str) -> int:
     t0 = time.time()
     with tqdm(total=len(prompts) * len(seeds) * len(configs), unit="video", desc="eval", file=sys.stderr) as bar:
         rows = fidelity.evaluate(worker, prompts, seeds, base, configs, bar.update, videos)
-    report = fidelity.report(worker, base, prompts, seeds, configs, rows, command, time.time() - t0)
+    errors = None
+    if a.eq6_prompts:
+        print(f"Eq. 6 probe on {min(a.eq6_prompts, len(prompts))} prompt(s)", file=sys.stderr, flush=True)
+        errors = fidelity.eq6(worker, prompts[: a.eq6_prompts], base, configs)
+    report = fidelity.report(worker, base, prompts, seeds, configs, rows, command, time.time() - t0, errors)
+    if measured is not None:
+        report["measured"] = measured
     write_json(report, out / "eval.json")
     md = fidelity_report.write(report, out)
     for t in report["targets"]:
@@ -121,6 +152,42 @@ def run(a, command: str) -> int:
             "" if t["value"] is None else f"{t['value']:.2f} {t['unit']}",
         )
     print(f"wrote {md} and {out / 'eval.json'}")
+    return 0
+
+
+def read_measured(path):
+    """The GPU operator benchmark's JSON (engine/bench/operators.py), or None."""
+    if path is None:
+        return None
+    import json
+
+    from engine.errors import UserError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--measured {path}: cannot read it ({e})") from None
+    if "speedup" not in data:
+        raise UserError(f"--measured {path}: not a launch/bench_operators.py result (no 'speedup')")
+    return data
+
+
+def replot(a) -> int:
+    import json
+
+    from engine.errors import UserError
+    from engine.evaluation import fidelity_report
+    from engine.runtime.io import write_json
+
+    path = Path(a.out) / "eval.json"
+    if not path.is_file():
+        raise UserError(f"--replot: no eval.json in {a.out}")
+    report = json.loads(path.read_text())
+    measured = read_measured(a.measured)
+    if measured is not None:
+        report["measured"] = measured
+        write_json(report, path)
+    print(f"wrote {fidelity_report.write(report, Path(a.out))}")
     return 0
 
 

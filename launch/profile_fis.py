@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fis.operators import OPERATORS
 from launch.common import (
     Parser,
     add_model_args,
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("calibrate", help="choose the sparse blocks from a profile")
     c.add_argument("--profile", required=True, help="a profile folder (or its profile.json)")
     c.add_argument("--budget", type=float, required=True, help="max mean Eq. 6 error of a sparse block")
-    c.add_argument("--operator", default="residual", choices=["residual", "linear"])
+    c.add_argument("--operator", default="residual", choices=list(OPERATORS))
     c.add_argument("--dense-steps", type=int, default=1)
     c.add_argument("--out", required=True, help="the FIS preset .toml to write")
     a = p.parse_args(argv)

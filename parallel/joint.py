@@ -26,14 +26,15 @@ class SequenceJoint:
         self.shard = shard
 
     def attend(self, proc, q, k, v, tq, tk, tv, keep):
-        """q, k, v: [B, N_r, H, D] this rank's video; tq, tk, tv: [B, L, H, D] the whole (valid) text; keep: [B, L]
-        key mask or None. Returns (video [B, N_r, C], text [B, L, C])."""
+        """q, k, v: [B, N_r, H, D] this rank's video (k, v: [B, N_k, H, D], the anchors' under FIS 'kv'); tq, tk,
+        tv: [B, L, H, D] the whole (valid) text; keep: [B, L] key mask or None. Returns (video [B, N_r, C], text
+        [B, L, C])."""
         ctx, cp = self.shard.ctx, self.shard.cp
         n = q.shape[1]
         text = TokenLayout("frame", tq.shape[1], 1, ctx.sp_size, ctx.sp_rank)  # L x 1 token
         tq, tk, tv = (text.local(x, 1) for x in (tq, tk, tv))  # [B, L_r, H, D]
         keep = None if keep is None else text.local(keep, 1)  # [B, L_r]
-        mask = None if keep is None else F.pad(keep, (n, 0), value=True)  # [B, N + L_r] key mask
+        mask = None if keep is None else F.pad(keep, (k.shape[1], 0), value=True)  # [B, N_k + L_r] key mask
         if mask is not None:
             if cp.ring_degree > 1:
                 raise ValueError("ring attention takes no text mask; a batch of prompts needs equal text masks")

@@ -39,6 +39,8 @@ WORLD_SCENARIOS = {
         "vae_decode",
         "worker_decode",
         "fa3_ulysses",
+        "operators_sp",
+        "hunyuan_operators",
         "rank_1_fails",  # last: its failure ends the world, no scenario is left to rerun
     ],
     4: [
@@ -49,6 +51,7 @@ WORLD_SCENARIOS = {
         "hunyuan_sp",
         "hunyuan_cfg",
         "vae_decode",
+        "operators_sp",
     ],
 }
 

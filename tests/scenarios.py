@@ -102,7 +102,7 @@ def attention_slices():
 
 
 @scenario
-def transformer_sp(heads=2):
+def transformer_sp(heads=2, operators=(None, "residual", "linear"), order_guard=True):
     """Transformer forward: dense and FIS (both operators), both layouts, even and uneven token counts."""
     from engine.hooks.fis import apply_fis, remove_fis
     from engine.testbed.tiny_wan import build_pipeline
@@ -123,7 +123,7 @@ def transformer_sp(heads=2):
                 ]
 
         dense = run()
-        for fis in (None, "residual", "linear"):
+        for fis in operators:
             if fis:
                 apply_fis(tr, _fis(fis)).begin(2)
             ref = run()
@@ -137,6 +137,8 @@ def transformer_sp(heads=2):
             out[f"removed_{tag}"] = diff(run(), ref)
             if fis:
                 remove_fis(tr)
+    if not order_guard:
+        return out
     # frame layout with FIS attached after parallelism: a clear error, not silently wrong frames
     handle = parallelize_transformer(tr, ctx, shard="frame")
     apply_fis(tr, _fis()).begin(2)
@@ -153,6 +155,13 @@ def transformer_sp(heads=2):
 @scenario
 def transformer_sp_4heads():
     return transformer_sp(heads=4)
+
+
+@scenario
+def operators_sp():
+    """The attention-scope operators (attn, kv) as transformer_sp: both layouts, even and uneven token counts; under
+    the frame layout the Ulysses all-to-all gathers the anchors' keys and values from every rank."""
+    return transformer_sp(heads=dist.get_world_size(), operators=("attn", "kv"), order_guard=False)
 
 
 @scenario
@@ -307,6 +316,39 @@ def hunyuan_sp():
                 out[f"removed_{tag}"] = diff(hunyuan_run(m, shape, given), ref)
                 if fis:
                     remove_fis(m)
+    return out
+
+
+@scenario
+def hunyuan_operators():
+    """The attention-scope operators on HunyuanVideo 1.5's joint attention, both layouts: padded text trimmed (no
+    mask) and a batch of unequal prompts (a key mask over the anchors' keys), even and uneven token counts."""
+    from engine.hooks.fis import apply_fis, remove_fis
+    from engine.models.hunyuan15 import drop_text_padding
+    from fis import FISConfig
+    from parallel import parallelize_transformer
+
+    world = dist.get_world_size()
+    ctx = _ctx(ulysses=world)
+    m, out = tiny_hunyuan_transformer(heads=world), {}
+    for shape in HY_SHAPES:
+        for text in ("trimmed", "batch"):
+            given = "padded" if text == "trimmed" else text
+            dense = hunyuan_run(m, shape, given)
+            for op in ("attn", "kv"):
+                apply_fis(m, FISConfig(stride=3, dense_head=1, dense_tail=1, operator=op)).begin(4)
+                ref = hunyuan_run(m, shape, given)
+                tag = f"{'x'.join(map(str, shape))}_{text}_{op}"
+                out[f"fis_effect_{tag}"] = diff(ref, dense)
+                for mode in ("spatial", "frame"):
+                    undo = drop_text_padding(m) if text == "trimmed" else None
+                    handle = parallelize_transformer(m, ctx, shard=mode)
+                    out[f"{mode}_{tag}"] = diff(hunyuan_run(m, shape, given), ref)
+                    handle.remove()
+                    if undo:
+                        undo()
+                out[f"removed_{tag}"] = diff(hunyuan_run(m, shape, given), ref)
+                remove_fis(m)
     return out
 
 

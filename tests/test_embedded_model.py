@@ -121,6 +121,32 @@ def test_training_script_runs_and_its_output_loads(tmp_path):
     assert type(pipe.vae).__name__ == "PatchVAE"
 
 
+def test_v2_training_runs_in_two_stages_teacher_then_student(tmp_path):
+    """The v2 testbed's GPU run is two commands (each under a device command's limit): a guided teacher, then its
+    unguided 4-step student distilled from the saved folder; both load, and the student says how it was made."""
+    args = ["--preset", "v2", "--smoke", "--workers", "1", "--device", "cpu"]
+    r = run_cli("train_shapes.py", "--stage", "teacher", "--out", tmp_path / "t", "--set", "spread=0.5", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train_shapes.py", "--stage", "student", "--teacher", tmp_path / "t", "--out", tmp_path / "s", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    teacher, student = (json.loads((tmp_path / d / "training.json").read_text()) for d in ("t", "s"))
+    assert teacher["config"]["done"] == {"dit_steps": 3} and teacher["config"]["layers"] == 2  # smoke size
+    assert (teacher["config"]["camera"], teacher["config"]["texture"], teacher["config"]["spread"]) == (
+        0.25,
+        "smooth",
+        0.5,
+    )
+    assert student["config"]["done"] == {"distill_steps": 3} and student["teacher"] == teacher
+    defaults = [json.loads((tmp_path / d / "engine_defaults.json").read_text())["guidance"] for d in ("t", "s")]
+    assert defaults == [3.0, 1.0]  # the teacher is sampled with CFG, the distilled student without
+    from engine.runtime.loader import load_pipeline
+
+    pipe = load_pipeline(str(tmp_path / "s"), torch.device("cpu"), torch.float32)
+    assert pipe.transformer.config.num_layers == 2
+    r = run_cli("train_shapes.py", "--stage", "student", "--out", tmp_path / "x", *args)
+    assert r.returncode == 2 and "--stage student needs --teacher" in r.stderr
+
+
 def test_model_folder_defaults_fill_the_request(worker):
     """engine_defaults.json next to the weights: size, frames and guidance the model was made for."""
     from engine.runtime.loader import DEFAULTS_FILE, EMBEDDED

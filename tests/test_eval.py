@@ -137,3 +137,56 @@ def test_existing_output_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path)])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_operator_configurations_are_a_group():
+    rows = fidelity.configurations("default", ["operators"])
+    assert [n for n, _ in rows] == [fidelity.DENSE] + [r.name for r in fidelity.OPERATOR_CONFIGS]
+    by = dict(rows)
+    assert (by["FIS-attn"].operator, by["FIS-attn"].stride) == ("attn", 3)
+    assert (by["FIS-kv-s5"].operator, by["FIS-kv-s5"].stride) == ("kv", 5)
+    everything = fidelity.configurations("default", ["all"])
+    assert len(everything) == 1 + len(fidelity.CONFIGS) + len(fidelity.OPERATOR_CONFIGS)
+    assert [n for n, _ in fidelity.configurations("default", ["FIS-attn", "FIS-Fast"])] == [
+        "Dense",
+        "FIS-Fast",
+        "FIS-attn",
+    ]
+
+
+def test_a14b_speedup_estimates_order_the_operators():
+    s = {op: fidelity.a14b_speedup(FISConfig(stride=3, operator=op))["720p"] for op in ("residual", "attn", "kv")}
+    assert 1 < s["kv"] < s["attn"] < s["residual"] and fidelity.a14b_speedup(None) == {"480p": 1.0, "720p": 1.0}
+    assert s["residual"] == pytest.approx(2.23, abs=0.01)  # the paper's Table 1 FIS-Balanced FLOPs at 720p
+
+
+def test_cli_operators_eq6_frontier_and_measured_replot(tmp_path, tiny_path):
+    from PIL import Image
+
+    from launch.eval import main
+
+    out = tmp_path / "ev"
+    configs = "FIS-Balanced,FIS-attn,FIS-kv"
+    args = ["--model", str(tiny_path("t2v")), "--prompts", "1", *SMALL, "--configs", configs, "--eq6-prompts", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    s = report["summary"]
+    assert s["Dense"]["speckle_mean"] == 1.0 and s["Dense"]["eq6"] is None
+    assert all(s[n]["eq6"] > 0 and s[n]["speckle_mean"] > 0 for n in configs.split(","))
+    assert set(report["eq6"]["block_error"]["3"]) == {"linear", "residual", "attn", "kv"}
+    Image.open(out / "eval_frontier.png").verify()
+    assert "slot: not measured yet" in (out / "eval.md").read_text()
+    # the GPU benchmark's block times (engine/bench/operators.py) composed into a generation speedup
+    measured = {
+        "device": "test GPU",
+        "num_blocks": 40,
+        "steps": 4,
+        "block_ms": {"720p": {"latent_frames": 21, "dense": 10.0, "attn": {"8": 4.0, "9": 4.5}}},
+        "speedup": {},
+    }
+    (tmp_path / "m.json").write_text(json.dumps(measured))
+    assert main(["--replot", "--out", str(out), "--measured", str(tmp_path / "m.json")]) == 0
+    # s = 3 on 40 blocks, 21 frames: per sparse step 2 dense blocks, 13 x 8, 13 x 9 and 12 x 8 anchors; step 3 dense
+    expect = 1600 / (3 * (20 + 13 * 4.0 + 13 * 4.5 + 12 * 4.0) + 400)
+    row = next(line for line in (out / "eval.md").read_text().splitlines() if line.startswith("| FIS-attn |"))
+    assert f"- / {expect:.2f}" in row and "test GPU" in (out / "eval.md").read_text()

@@ -105,6 +105,14 @@ def test_transformer_sp_equals_single_process_4(results):
     assert min(v for k, v in r.items() if k.startswith("fis_effect")) > 1e-3
 
 
+@pytest.mark.parametrize("world", [2, 4])  # 4 frame ranks of 5 frames: a rank may own no anchor
+def test_attention_scope_operators_sp_equal_single_process(results, world):
+    r = results(world, "operators_sp")
+    for prefix in ("spatial_", "frame_", "removed_"):
+        _assert_close(r, prefix)
+    assert min(v for k, v in r.items() if k.startswith("fis_effect")) > 1e-3
+
+
 @pytest.mark.parametrize("scenario", ["pipeline_sp", "pipeline_sp_a14b"])  # TI2V, A14B (two experts)
 def test_pipeline_sp_equals_single_process(results, scenario):
     r = results(2, scenario)

@@ -49,6 +49,16 @@ def test_cfg_parallel_equals_serial_cfg(sp_results, world):
     assert min(r["fis_effect_all"], r["fis_effect_late"]) > 1e-3
 
 
+@pytest.mark.parametrize("prefix", ["spatial_", "frame_", "removed_"])
+def test_attention_scope_operators_sp_equal_single_process(sp_results, prefix):
+    r = sp_results(2, "hunyuan_operators")
+    checked = {k: v for k, v in r.items() if k.startswith(prefix)}
+    assert len(checked) == len(SHAPES) * 2 * 2, checked
+    bad = {k: v for k, v in checked.items() if not v <= TOL}
+    assert not bad, f"parallel != single process: {bad}"
+    assert min(v for k, v in r.items() if k.startswith("fis_effect")) > 1e-3
+
+
 def test_fis_cases_were_sparse(sp_results):
     assert min(v for k, v in sp_results(2).items() if k.startswith("fis_effect")) > 1e-3
 

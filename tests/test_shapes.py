@@ -45,3 +45,38 @@ def test_the_shape_stays_inside_the_frame():
         spec = sample_spec(rng)
         track = centroid_track(render(spec, 17, 64, rng), spec.colour)
         assert not np.isnan(track).any(), spec
+
+
+def test_defaults_draw_exactly_the_embedded_models_data():
+    """training.json repeats the shipped model only if the default data are the ones it was trained on (hashes of
+    clips rendered by the code that made it)."""
+    import hashlib
+
+    rng = np.random.default_rng([0, 7])  # engine/testbed/train.py draws clip i of seed s from default_rng([s, i])
+    spec = sample_spec(rng)
+    video = render(spec, 49, 64, rng, 0.3)
+    assert hashlib.sha256(video.tobytes()).hexdigest()[:16] == "c85ef6da80dfad21"
+    video = render(Spec("purple", "square", "left", "slowly", "textured"), 17, 64, np.random.default_rng(11), 0.3)
+    assert hashlib.sha256(video.tobytes()).hexdigest()[:16] == "f899f3660e81ec0e"
+
+
+@pytest.mark.parametrize("texture", ["blocks", "smooth"])
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_camera_pans_the_texture_and_the_prompt_still_holds(texture, direction):
+    """v2 data: the textured background moves under a panning camera; the shape still moves as the prompt says."""
+    spec = Spec("red", "circle", direction, "slowly", "textured")
+    video = render(spec, 17, 64, np.random.default_rng(4), 0.3, camera=0.25, texture=texture)
+    result = adherence(video, spec)
+    assert result["colour"] and result["direction"], result
+    corner = video[:, :8, :8].astype(np.float32)  # far from the shape's path: background only
+    assert np.abs(corner[-1] - corner[0]).mean() > 3  # the view moved
+    assert np.abs(corner[1] - corner[0]).mean() < np.abs(corner[-1] - corner[0]).mean()  # smoothly
+    static = render(spec, 17, 64, np.random.default_rng(4), 0.3, texture=texture)
+    assert np.array_equal(static[0, :8, :8], static[-1, :8, :8])
+
+
+def test_textured_share():
+    rng = np.random.default_rng(5)
+    backgrounds = [sample_spec(rng, textured=0.5).background for _ in range(400)]
+    assert 0.4 < backgrounds.count("textured") / 400 < 0.6
+    assert {"dark", "light"} <= set(backgrounds)

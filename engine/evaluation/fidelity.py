@@ -1,8 +1,11 @@
 """The fidelity harness: dense vs each FIS configuration on a fixed prompt set and seeds.
 
-Every number is weight-free: PSNR/SSIM of the decoded videos and a flicker score (video_metrics.py), the
-relative error of the final latents, and prompt adherence read back from the frames (shapes.py). The first
-configuration is the reference every other one is compared with (Dense). Report and plots: fidelity_report.py.
+Every number is weight-free: PSNR/SSIM of the decoded videos, a flicker score and the speckle ratio
+(video_metrics.py), the relative error of the final latents, and prompt adherence read back from the frames
+(shapes.py). The first configuration is the reference every other one is compared with (Dense). Each configuration
+also gets the paper's Eq. 6 error of its operator and stride (the §3.2 probe, probe.py, on a few of the prompts) and
+its FLOPs-estimated speedup on the real-size Wan 2.2 A14B (40 blocks, 4 steps, 81 frames) at 480p and 720p, the x
+axis of the speed-quality frontier. Report and plots: fidelity_report.py.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ from engine.errors import UserError
 from engine.runtime.io import to_uint8, write_mp4
 from engine.runtime.request import GenerationRequest
 from engine.testbed.shapes_data import COLOURS, DIRECTIONS, adherence, parse_prompt, sample_spec
-from fis import FISConfig, FISConfigError
+from fis import FISConfig, FISConfigError, generation_flops
 
-from .video_metrics import flicker, psnr, ssim
+from .video_metrics import flicker, psnr, speckle_ratio, ssim
+
+# The real-size model the frontier's speed axis is estimated on (the paper's Wan 2.2 A14B setting).
+A14B_VIDEO = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}  # frames, height, width
+A14B_STEPS = 4
 
 DENSE = "Dense"
 # Identical videos have infinite PSNR; they count as this so means stay finite (one pixel one grey level off
@@ -40,6 +47,18 @@ CONFIGS = (
     ROWS["FIS-linear"],  # operator: FIS-Balanced is 'residual'
     Row("FIS-first-step", "balanced", (("dense_steps", 3),)),  # stride 3 on step 0 of 4 only: the gentlest setting
 )
+# The operators x strides of the speed-quality frontier (fis/operators.py; Balanced / Fast / FIS-linear are the
+# residual and linear points at s = 3 / 5 / 3): `--configs operators`, or `all` for both groups.
+OPERATOR_CONFIGS = (
+    Row("FIS-residual-s2", "balanced", (("stride", 2),)),
+    Row("FIS-linear-s5", "balanced", (("operator", "linear"), ("stride", 5))),
+    *(
+        Row(f"FIS-{op}" + ("" if s == 3 else f"-s{s}"), "balanced", (("operator", op), ("stride", s)))
+        for op, strides in (("attn", (2, 3, 4, 5)), ("kv", (2, 3, 4, 5)))
+        for s in strides
+    ),
+)
+GROUPS = {"paper": CONFIGS, "operators": OPERATOR_CONFIGS, "all": CONFIGS + OPERATOR_CONFIGS}
 # The paper's orderings, as (claim, better, worse) by mean PSNR vs dense.
 ORDERINGS = (
     ("Table 2: interleaved beats fixed anchors (Balanced stride)", "FIS-Balanced", "FIS-Balanced-fixed"),
@@ -52,14 +71,21 @@ ORDERINGS = (
 
 
 def configurations(family: str, names: list[str] | None = None) -> list[tuple[str, FISConfig | None]]:
-    """Dense first (the reference), then the named configurations (default: all) in table order."""
-    known = {r.name.lower(): r.name for r in CONFIGS}
+    """Dense first (the reference), then the named configurations or groups (GROUPS; default: the paper's CONFIGS)
+    in table order."""
+    every = CONFIGS + OPERATOR_CONFIGS
+    known = {r.name.lower(): r.name for r in every}
     want = None if names is None else {n.strip().lower() for n in names if n.strip()} - {DENSE.lower()}
+    for group in set(want or ()) & set(GROUPS):
+        want = (want - {group}) | {r.name.lower() for r in GROUPS[group]}
     if want is not None and want - set(known):
-        raise UserError(f"unknown configuration(s) {sorted(want - set(known))}; valid: {', '.join(known.values())}")
+        raise UserError(
+            f"unknown configuration(s) {sorted(want - set(known))}; valid: {', '.join(GROUPS)}, "
+            f"{', '.join(known.values())}"
+        )
     rows = [(DENSE, None)]
-    for r in CONFIGS:
-        if want is None or r.name.lower() in want:
+    for r in every:
+        if (r in CONFIGS and want is None) or (want is not None and r.name.lower() in want):
             rows.append((r.name, r.fis(family)))
     return rows
 
@@ -92,7 +118,7 @@ def check(worker, base: GenerationRequest, configs) -> GenerationRequest:
 
 def evaluate(worker, prompts, seeds, base: GenerationRequest, configs, progress=None, video_dir=None) -> list[dict]:
     """One row per (prompt, seed, configuration), each against that prompt and seed's first configuration."""
-    rows = []
+    rows, vae_t = [], worker.info.vae_t
     for p, prompt in enumerate(prompts):
         spec = parse_prompt(prompt)  # None: not a grammar prompt, adherence is not measured
         for seed in seeds:
@@ -108,7 +134,7 @@ def evaluate(worker, prompts, seeds, base: GenerationRequest, configs, progress=
                         "prompt": prompt,
                         "prompt_index": p,
                         "seed": seed,
-                        **compare(video, z, ref),
+                        **compare(video, z, ref, vae_t),
                         **adhere(video, spec),
                         **cost(out["metrics"]),
                     }
@@ -120,13 +146,14 @@ def evaluate(worker, prompts, seeds, base: GenerationRequest, configs, progress=
     return rows
 
 
-def compare(video: np.ndarray, z: torch.Tensor, ref) -> dict:
+def compare(video: np.ndarray, z: torch.Tensor, ref, vae_t: int = 4) -> dict:
     ref_video, ref_z, ref_flicker = ref
     fl = flicker(video)
     return {
         "psnr": min(PSNR_CAP, psnr(video, ref_video)),
         "identical": bool(np.array_equal(video, ref_video)),
         "ssim": ssim(video, ref_video),
+        "speckle": speckle_ratio(video, ref_video, vae_t),
         "frame_psnr": [min(PSNR_CAP, psnr(video[f : f + 1], ref_video[f : f + 1])) for f in range(len(video))],
         "latent_error": float((z - ref_z).norm() / ref_z.norm()),
         "flicker": fl,
@@ -174,6 +201,8 @@ def summarise(rows: list[dict], configs) -> dict:
             "ssim_min": min(r["ssim"] for r in rs),
             "latent_error_mean": mean("latent_error"),
             "latent_error_max": max(r["latent_error"] for r in rs),
+            "speckle_mean": mean("speckle"),
+            "speckle_max": max(r["speckle"] for r in rs),
             "flicker_mean": mean("flicker"),
             "flicker_delta_mean": mean("flicker_delta"),
             "adherence_colour_pct": pct("colour"),
@@ -185,17 +214,76 @@ def summarise(rows: list[dict], configs) -> dict:
             "speedup_estimate": mean("speedup_estimate"),
             "latency_s": mean("latency_s"),
             "frame_psnr_mean": np.mean([r["frame_psnr"] for r in rs], axis=0).tolist(),
+            "a14b_speedup_estimate": a14b_speedup(fis),
         }
     return out
 
 
-def report(worker, base: GenerationRequest, prompts, seeds, configs, rows, command: str, elapsed_s: float) -> dict:
-    """Everything eval.json holds: the run (command, date, versions, model, request), summary, targets, samples."""
+def a14b_speedup(fis: FISConfig | None) -> dict[str, float]:
+    """FLOPs-estimated speedup of this configuration on Wan 2.2 A14B (4 steps, 81 frames, no CFG: the Lightning
+    setting), per resolution: the frontier's speed axis until the measured real-size block speedup is in."""
+    from fis.flops import WAN_A14B
+
+    out = {}
+    for res, (frames, h, w) in A14B_VIDEO.items():
+        dense = generation_flops(WAN_A14B, frames, h, w, A14B_STEPS)
+        if fis is None:
+            out[res] = 1.0
+            continue
+        plan = fis.resolve(WAN_A14B.num_layers, WAN_A14B.latent_grid(frames, h, w)[0], A14B_STEPS)
+        out[res] = dense / generation_flops(WAN_A14B, frames, h, w, A14B_STEPS, plan)
+    return out
+
+
+def eq6(worker, prompts, base: GenerationRequest, configs, progress=None) -> dict:
+    """The paper's Eq. 6 error of each configuration's operator at its stride: the §3.2 probe (probe.py) on `prompts`
+    (seed of `base`), mean over the skipped frames of the configuration's sparse blocks at its sparse steps. One
+    probe run per stride measures every operator; the probe replaces one block at a time on the dense trajectory
+    (the paper's Fig. 3), so the number depends on the operator, the stride and the block set only.
+    Returns {config name: error} (Dense: absent) and the profiles by stride."""
+    from .probe import block_error, profile
+
+    strides = sorted({fis.stride for _, fis in configs if fis is not None and fis.stride > 1})
+    profiles = {}
+    for k, s in enumerate(strides):
+        profiles[s] = profile(worker, prompts, dataclasses.replace(base, fis=None), s)
+        if progress is not None:
+            progress(k + 1, len(strides))
+    out = {}
+    for name, fis in configs:
+        if fis is None or fis.stride < 2:
+            continue
+        prof = profiles[fis.stride]
+        errs = block_error(prof, fis.operator, fis.dense_steps)
+        blocks = fis.sparse_blocks(prof["num_blocks"])
+        out[name] = float(np.mean([errs[b] for b in blocks])) if blocks else 0.0
+    return {"error": out, "prompts": prompts, "profiles": profiles}
+
+
+def report(
+    worker, base: GenerationRequest, prompts, seeds, configs, rows, command: str, elapsed_s: float, errors=None
+) -> dict:
+    """Everything eval.json holds: the run (command, date, versions, model, request), summary, targets, samples.
+    errors: eq6()'s result, or None (not measured)."""
     import skimage
 
     from engine.runtime.worker import versions
 
+    from .probe import block_error
+
     summary = summarise(rows, configs)
+    for name, x in summary.items():
+        x["eq6"] = None if errors is None else errors["error"].get(name)
+    eq6_info = None
+    if errors is not None:
+        eq6_info = {
+            "prompts": errors["prompts"],
+            "block_error": {  # per stride and operator: the mean Eq. 6 error of each block (steps 0..T-2)
+                str(s): {op: block_error(prof, op, 1) for op in prof["frame_error"]}
+                for s, prof in errors["profiles"].items()
+            },
+            "cv": {str(s): prof["cv"] for s, prof in errors["profiles"].items()},  # Eq. 5, [T, L]
+        }
     return {
         "command": command,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -219,7 +307,8 @@ def report(worker, base: GenerationRequest, prompts, seeds, configs, rows, comma
             "latent_frames": worker.info.latent_frames(base.num_frames),
         },
         "summary": summary,
-        "targets": targets(summary),
+        "eq6": eq6_info,
+        "targets": targets(summary) + operator_targets(summary),
         "samples": rows,
     }
 
@@ -261,3 +350,36 @@ def targets(s: dict) -> list[dict]:
         )
     )
     return out
+
+
+def _target(claim, value, threshold, unit, kind="at least") -> dict:
+    margin = None if value is None or threshold is None else value - threshold
+    met = None if margin is None or kind == "report" else margin >= 0
+    return {"target": claim, "value": value, "threshold": threshold, "margin": margin, "unit": unit, "met": met}
+
+
+def operator_targets(s: dict) -> list[dict]:
+    """Issue 16's targets on this model: a configuration at >= 1.6x real-size speedup (Wan 2.2 A14B at 720p, FLOPs
+    estimate until measured) beats FIS-Balanced by >= 4 dB; FIS-Balanced's speckle ratio (v2: <= 1.2)."""
+    fast = {
+        n: x
+        for n, x in s.items()
+        if x.get("fis") is not None and (x.get("a14b_speedup_estimate") or {}).get("720p", 0) >= 1.6
+    }
+    best = max(fast, key=lambda n: fast[n]["psnr_mean"], default=None)
+    balanced = s.get("FIS-Balanced", {}).get("psnr_mean")
+    return [
+        _target(
+            f"An operator at >= 1.6x (A14B 720p, FLOPs estimate) beats FIS-Balanced by >= 4 dB (best: {best})",
+            None if best is None else fast[best]["psnr_mean"],
+            None if balanced is None else balanced + 4.0,
+            "dB",
+        ),
+        _target(
+            "FIS-Balanced: speckle ratio vs dense (v2 target <= 1.2)",
+            s.get("FIS-Balanced", {}).get("speckle_mean"),
+            None,
+            "x",
+            "report",
+        ),
+    ]

@@ -1,4 +1,5 @@
-"""The fidelity harness's outputs (engine/evaluation/fidelity.py): eval.md (table + targets) and two PNG plots."""
+"""The fidelity harness's outputs (engine/evaluation/fidelity.py): eval.md (table + targets) and three PNG plots,
+the last the speed-quality frontier (one point per operator x stride)."""
 
 from __future__ import annotations
 
@@ -41,11 +42,27 @@ def markdown(report: dict, figures: list[str]) -> str:
         "## Results",
         "",
         (
-            "| config | stride | interleave | dense head/tail | dense steps | operator | PSNR dB mean (min) | "
-            "SSIM mean (min) | latent err mean (max) | flicker (vs dense) | adherence % colour / dir / both | "
-            "FLOPs (P) | speedup est. | wall s |"
+            "Speckle: high-frequency energy of the interior frames vs dense (1 = dense). Eq. 6: the paper's per-block "
+            "error of the configuration's operator at its stride, mean over the skipped frames of its sparse blocks "
+            "and steps"
+            + (f" ({len(report['eq6']['prompts'])} prompts)" if report.get("eq6") else " (not measured)")
+            + ". A14B: the speedup on Wan 2.2 A14B (40 blocks, 4 steps, 81 frames), estimated from FLOPs "
+            "(fis/flops.py counts what each operator computes) and measured on the real-size block "
+            + (
+                f"({report['measured'].get('device', 'GPU')}, launch/bench_operators.py)"
+                if report.get("measured")
+                else "(slot: not measured yet, launch/bench_operators.py on the GPU)"
+            )
+            + "."
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "",
+        (
+            "| config | stride | interleave | dense head/tail | dense steps | operator | PSNR dB mean (min) | "
+            "SSIM mean (min) | speckle mean (max) | Eq. 6 | latent err mean (max) | flicker (vs dense) | "
+            "adherence % colour / dir / both | FLOPs (P) | speedup est. | A14B est. 480p / 720p | "
+            "A14B measured 480p / 720p | wall s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, x in s.items():
         fis = x["fis"]
@@ -61,13 +78,18 @@ def markdown(report: dict, figures: list[str]) -> str:
             ]
         )
         adh = " / ".join(_f(x[f"adherence_{k}_pct"], ".0f") for k in ("colour", "direction", "both"))
+        est = x.get("a14b_speedup_estimate") or {}
+        got = {r: measured_speedup(report, fis, r) for r in ("480p", "720p")}
+        speckle = "n/a" if "speckle_mean" not in x else f"{x['speckle_mean']:.2f} ({x['speckle_max']:.2f})"
         lines.append(
             f"| {name} | "
             + " | ".join(map(str, knobs))
             + f" | {x['psnr_mean']:.2f} ({x['psnr_min']:.2f}) | {x['ssim_mean']:.4f} ({x['ssim_min']:.4f}) | "
+            f"{speckle} | {_f(x.get('eq6'), '.3f', '-')} | "
             f"{x['latent_error_mean']:.4f} ({x['latent_error_max']:.4f}) | {x['flicker_mean']:.2f} "
             f"({x['flicker_delta_mean']:+.2f}) | {adh} | {x['flops_P']:.4g} | {x['speedup_estimate']:.2f}x | "
-            f"{x['latency_s']:.2f} |"
+            f"{_f(est.get('480p'))}x / {_f(est.get('720p'))}x | {_f(got['480p'], none='-')} / "
+            f"{_f(got['720p'], none='-')} | {x['latency_s']:.2f} |"
         )
     lines += ["", "## Targets", ""]
     for t in report["targets"]:
@@ -118,10 +140,83 @@ def fig_frame_psnr(summary: dict, request: dict, path: Path) -> Path:
     return path
 
 
+def measured_speedup(report: dict, fis: dict | None, resolution: str) -> float | None:
+    """The configuration's speedup on the real-size A14B composed from the measured block times, or None."""
+    measured = report.get("measured")
+    if measured is None:
+        return None
+    from engine.bench.operators import composed_speedup
+    from fis import FISConfig
+
+    config = None if fis is None else FISConfig.from_dict({k: v for k, v in fis.items() if k != "name"})
+    return composed_speedup(measured, config, resolution)
+
+
+FRONTIER_MARKERS = {"residual": "o", "linear": "v", "attn": "s", "kv": "D"}
+
+
+def frontier_points(report: dict) -> dict[str, list[tuple]]:
+    """Per operator: (stride, A14B 720p FLOPs-estimated speedup, measured speedup or None, mean PSNR, name) of the
+    configurations with the default protection (one head and tail block, last step dense, interleaved)."""
+    out: dict[str, list[tuple]] = {}
+    for name, x in report["summary"].items():
+        fis = x["fis"]
+        if fis is None or (fis["dense_head"], fis["dense_tail"], fis["dense_steps"], fis["interleave"]) != (
+            1,
+            1,
+            1,
+            True,
+        ):
+            continue
+        if fis["blocks"] != "auto" or "a14b_speedup_estimate" not in x:
+            continue
+        point = (
+            fis["stride"],
+            x["a14b_speedup_estimate"]["720p"],
+            measured_speedup(report, fis, "720p"),
+            x["psnr_mean"],
+            name,
+        )
+        out.setdefault(fis["operator"], []).append(point)
+    return {op: sorted(points) for op, points in out.items()}
+
+
+def fig_frontier(report: dict, path: Path) -> Path:
+    """Speedup (x: Wan 2.2 A14B at 720p, FLOPs estimate; hollow: measured on the real-size block when given) vs
+    mean PSNR vs dense on this model, one point per operator x stride; the issue-16 target corner dashed."""
+    s = report["summary"]
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    measured_any = False
+    for op, points in frontier_points(report).items():
+        xs, ys = [p[1] for p in points], [p[3] for p in points]
+        (line,) = ax.plot(xs, ys, "-", marker=FRONTIER_MARKERS.get(op, "o"), label=op)
+        for stride, x, m, y, _ in points:
+            ax.annotate(f"s={stride}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            if m is not None:
+                measured_any = True
+                ax.plot([m], [y], marker=FRONTIER_MARKERS.get(op, "o"), mfc="none", color=line.get_color(), ls="")
+                ax.annotate("", (m, y), (x, y), arrowprops=dict(arrowstyle="->", color=line.get_color(), lw=0.6))
+    if "FIS-Balanced" in s:
+        ax.axhline(s["FIS-Balanced"]["psnr_mean"] + 4, color="tab:red", ls="--", lw=0.8, label="FIS-Balanced + 4 dB")
+    ax.axvline(1.6, color="tab:red", ls=":", lw=0.8, label="1.6x")
+    ax.set_xlabel(
+        "speedup on Wan 2.2 A14B, 720p (filled: FLOPs estimate"
+        + ("; hollow: measured)" if measured_any else "; measured: slot, not run yet)")
+    )
+    ax.set_ylabel("PSNR vs dense on this model (dB)")
+    ax.set_title(f"FIS operators: speed vs fidelity ({report['model']['model']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write(report: dict, out: Path) -> Path:
     figs = [
         fig_psnr(report["summary"], out / "eval_psnr.png").name,
         fig_frame_psnr(report["summary"], report["request"], out / "eval_frame_psnr.png").name,
+        fig_frontier(report, out / "eval_frontier.png").name,
     ]
     path = out / "eval.md"
     path.write_text(markdown(report, figs))

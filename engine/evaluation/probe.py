@@ -1,8 +1,9 @@
 """Measuring a model the way the paper's §3.2 does, with forward hooks, streamed.
 
 Per (prompt, step, block) it keeps only the adjacent-frame relative-change curve (Eq. 1-3, F-1
-numbers) and, for each reconstruction operator, the per-frame error of a sparse evaluation of that
-block on the same input (Eq. 6, F numbers). No feature map outlives its hook.
+numbers) and, for each FIS operator (fis/operators.py), the per-frame error of a sparse evaluation of that
+block on the same input (Eq. 6, F numbers), and for the block-scope operators the error of the reconstruction
+alone fed exact anchor outputs. No feature map outlives its hook.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from engine.errors import UserError
-from engine.hooks.fis import local_rebuild, sparse_forward
+from engine.hooks.fis import SparseView, run_operator
 from engine.models import BlockArgs, adapter_for
 from engine.runtime import timing
 from engine.runtime.request import GenerationRequest
@@ -27,7 +28,10 @@ from fis.analysis import (
     relative_change,
     relative_change_parts,
 )
+from fis.operators import get as get_operator
 from fis.reconstruct import FrameTables, reconstruct, select_frames
+
+BLOCK_OPERATORS = tuple(op for op in OPERATORS if not get_operator(op).per_frame)  # interp_error: these only
 
 
 class BlockProbe:
@@ -78,11 +82,14 @@ class BlockProbe:
         fwd = functools.partial(type(module).forward, module)  # the block itself, past any hook
         x = names.get(self.adapter.hidden, args, kwargs)
         y_anchor = select_frames(y_full, t.anchors, F)  # the dense outputs of the anchor frames
+        view = SparseView(t.anchors, F, t)
         for op in OPERATORS:
             # what FIS runs: anchors see only anchors in attention, so they too drift a little
-            y = sparse_forward(fwd, args, kwargs, names, self.adapter, t.anchors, F, local_rebuild(t, op))
+            y = run_operator(get_operator(op), module, fwd, view, names, self.adapter, args, kwargs)
             y = y if i is None else y[i]
             self.errors[(op, *key)] = self._error(y, y_full, F)  # [F]
+            if op not in BLOCK_OPERATORS:
+                continue
             # the operator alone, fed exact anchors: zero on anchors by construction
             y = reconstruct(y_anchor, t, x if op == "residual" else None)
             self.interp_errors[(op, *key)] = self._error(y, y_full, F)
@@ -115,12 +122,12 @@ def profile(worker, prompts: list[str], req: GenerationRequest, stride: int, pro
     curves = curves.view(P, T, L, F - 1)
     cv = coefficient_of_variation(curves).mean(0)  # Eq. 5: [T, L]
 
-    def table(d):
+    def table(d, ops=OPERATORS):
         return {
             op: torch.stack([d[(op, p, t, b)] for p in range(P) for t in range(T) for b in range(L)])
             .view(P, T, L, F)
             .tolist()
-            for op in OPERATORS
+            for op in ops
         }
 
     return {
@@ -138,7 +145,7 @@ def profile(worker, prompts: list[str], req: GenerationRequest, stride: int, pro
         "curves": curves.tolist(),
         "cv": cv.tolist(),
         "frame_error": table(probe.errors),
-        "interp_error": table(probe.interp_errors),
+        "interp_error": table(probe.interp_errors, BLOCK_OPERATORS),
     }
 
 

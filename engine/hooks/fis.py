@@ -5,24 +5,36 @@
     remove_fis(transformer)                                  # the dense model again, exactly
 
 A model hook reads the latent geometry on every transformer forward; a block hook on every block
-asks the shared state whether this (block, step) is sparse, slices the per-frame arguments to the
-anchor frames, runs the block's own forward, and rebuilds the skipped frames (fis/reconstruct.py).
+asks the shared state whether this (block, step) is sparse and runs the config's operator (fis/operators.py):
+
+  block scope      slices the hidden states and the per-frame arguments to the anchor frames, runs the block's
+                   own forward, and rebuilds the skipped frames (fis/reconstruct.py)
+  attention scope  runs the block on every frame with a SparseAttentionHook on its self-attention module (the
+                   adapter's AttentionSite) for the duration of this one call: 'attn' runs the module on the anchors
+                   and interpolates its output, 'kv' gives every query the anchors' keys and values only
+
+The attention hook exists only inside a sparse block call, so the dense model, a compiled block graph and
+`remove_fis` never see it; such a block runs its eager forward (a compiled graph would trace the hook).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from engine.models import BlockArgs, FISAdapter, SliceRule, adapter_for
 from fis import FISConfig, FISPlan
-from fis.reconstruct import FrameTables, reconstruct, select_frames
+from fis.operators import Operator
+from fis.operators import get as get_operator
+from fis.reconstruct import FrameTables, add_updates, reconstruct, select_frames
 
 MODEL_HOOK = "fis_model"
 BLOCK_HOOK = "fis_block"
+ATTENTION_HOOK = "fis_attention"
 _KEEP = object()  # begin(): keep the current config
 _GLUE = {"label": None}  # profile_glue: a torch.profiler label around FIS's own work in a sparse block
 
@@ -104,8 +116,29 @@ class FISModelHook(ModelHook):
         return args, kwargs
 
 
+@dataclass(frozen=True)
+class SparseView:
+    """One sparse block call's anchors as this process sees them. In one process (and under the spatial layout, where
+    every rank holds every frame) the anchors are the plan's; under the frame layout parallel/fis_frames.py gives each
+    rank its own anchors, tables over all anchors, a gather and the all-to-all's uneven switch."""
+
+    anchors: torch.Tensor  # [A_r] long, the anchor frames this process holds (indices into its num_frames)
+    num_frames: int  # frames this process holds
+    tables: FrameTables  # this process's frames interpolated from ALL anchors
+    gather: Callable | None = None  # [B, A_r*HW, C] -> [B, A*HW, C] from every rank; None: all anchors are here
+    around: Callable = contextlib.nullcontext  # (queries_uneven: bool) -> context around the self-attention call
+
+    @property
+    def local(self) -> bool:
+        return self.gather is None
+
+    def interpolate(self, v_a: torch.Tensor) -> torch.Tensor:
+        """Eq. 10 on per-anchor values [B, A_r*HW, C] -> this process's frames [B, F_r*HW, C]."""
+        return reconstruct(v_a if self.local else self.gather(v_a), self.tables)
+
+
 class FISBlockHook(ModelHook):
-    """On one transformer block: run it on anchor frames only when the gates say so."""
+    """On one transformer block: run it sparse (the config's operator) when the gates say so."""
 
     def __init__(self, state: FISState, adapter: FISAdapter, index: int):
         super().__init__()
@@ -121,11 +154,107 @@ class FISBlockHook(ModelHook):
         if anchors is None:
             return fwd(*args, **kwargs)
         hidden = self.args.get(self.adapter.hidden, args, kwargs)
-        t = self.state.tables(anchors, hidden.device)
-        rebuild = local_rebuild(t, self.state.config.operator)
-        return sparse_forward(
-            fwd, args, kwargs, self.args, self.adapter, t.anchors, t.num_frames, rebuild, self.state.reused
-        )
+        view = self.view(anchors, hidden.device)
+        op = get_operator(self.state.config.operator)
+        return run_operator(op, module, fwd, view, self.args, self.adapter, args, kwargs, self.state.reused)
+
+    def view(self, anchors: tuple[int, ...], device) -> SparseView:
+        t = self.state.tables(anchors, device)
+        return SparseView(t.anchors, t.num_frames, t)
+
+
+def run_operator(
+    op: Operator,
+    block,
+    fwd,
+    view: SparseView,
+    names: BlockArgs,
+    adapter: FISAdapter,
+    args,
+    kwargs,
+    reused: dict | None = None,
+):
+    """One sparse call of `block` with operator `op` on the anchors of `view`; fwd is the block's forward (compiled
+    or not) for the block-scope operators. The FIS block hooks and the §3.2 probe both run operators through here."""
+    if op.per_frame:
+        return attention_forward(op, block, view, adapter, args, kwargs, reused)
+    if view.local:
+        rebuild = local_rebuild(view.tables, op.name)
+    else:
+        rebuild = _gathered_rebuild(view, op.rebuild == "residual")
+        uneven = fwd
+
+        def fwd(*a, **kw):  # the anchors-only attention: anchor counts differ between ranks
+            with view.around(False):
+                return uneven(*a, **kw)
+
+    return sparse_forward(fwd, args, kwargs, names, adapter, view.anchors, view.num_frames, rebuild, reused)
+
+
+def _gathered_rebuild(view: SparseView, residual: bool) -> Callable:
+    """The frame layout's rebuild: the anchors' updates (or outputs) of every rank, then this rank's frames."""
+
+    def rebuild(y, x_a, x):  # y, x_a: [B, A_r*HW, C]; x: [B, F_r*HW, C]
+        out = view.interpolate(y - x_a if residual else y)  # [B, F_r*HW, C]
+        return add_updates(out, x, y, view.anchors) if residual else out
+
+    return rebuild
+
+
+def attention_forward(op: Operator, block, view: SparseView, adapter: FISAdapter, args, kwargs, reused=None):
+    """An attention-scope operator: the block's eager forward on every frame, with a SparseAttentionHook on its
+    self-attention module for this call only."""
+    site = adapter.attention
+    if site is None or (op.name == "kv" and site.split is None):
+        raise ValueError(f"FIS operator {op.name!r} has no self-attention site for {adapter.name} models")
+    registry = HookRegistry.check_if_exists_or_initialize(block.get_submodule(site.module))
+    registry.register_hook(SparseAttentionHook(op, site, view, reused), ATTENTION_HOOK)
+    try:
+        return type(block).forward(block, *args, **kwargs)
+    finally:
+        registry.remove_hook(ATTENTION_HOOK, recurse=False)
+
+
+class SparseAttentionHook(ModelHook):
+    """On a block's self-attention module during one sparse call (attention_forward).
+
+    attn: the module on the anchor frames (its video tokens and per-frame arguments sliced, as the block-scope
+          operators slice the block's), its video output interpolated to every frame (Eq. 10); a joint-attention
+          text stream gets the output of attending to the anchors.
+    kv:   the site's split: every query against the keys and values of the anchor frames."""
+
+    def __init__(self, op: Operator, site, view: SparseView, reused: dict | None):
+        super().__init__()
+        self.op, self.site, self.view, self.reused = op, site, view, reused
+
+    def initialize_hook(self, module):
+        self.names = BlockArgs(module)
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        v, site, names = self.view, self.site, self.names
+        hidden = names.get(site.hidden, args, kwargs)  # [B, F*HW, C]
+        if self.op.name == "kv":
+
+            def keys(x, dim):  # the anchor frames' tokens of x (every token along dim)
+                return select_frames(x, v.anchors, v.num_frames, dim)
+
+            with v.around(True):  # queries: every frame this rank holds
+                return site.split(module, args, kwargs, names, keys)
+        args, kwargs = list(args), dict(kwargs)
+        with _glue():
+            names.set(site.hidden, select_frames(hidden, v.anchors, v.num_frames), args, kwargs)  # [B, A*HW, C]
+            for name, rule in site.per_frame.items():
+                value = names.get(name, args, kwargs)
+                if value is not None:
+                    names.set(name, slice_frames(name, value, rule, v.anchors, v.num_frames, self.reused), args, kwargs)
+        with v.around(False):
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        i = site.output_index
+        y = out if i is None else out[i]  # [B, A*HW, C]
+        with _glue():
+            y = v.interpolate(y)  # [B, F*HW, C]
+        return y if i is None else (*out[:i], y, *out[i + 1 :])
 
 
 def sparse_forward(
@@ -142,8 +271,8 @@ def sparse_forward(
     """Run a block on the frames `anchors` ([A] long, indices into this call's `num_frames`) and rebuild all frames
     (Eq. 7-10): the hidden states and every per-frame argument are sliced to the anchors, the block's own forward
     runs, and rebuild(y_a, x_a, x) turns its anchor output [B, A*HW, C] (x_a: its anchor input, x: the whole input
-    [B, F*HW, C]) into [B, F*HW, C]. local_rebuild is the one-process rebuild; parallel/fis_frames.py gives one that
-    first gathers anchors from the other ranks.
+    [B, F*HW, C]) into [B, F*HW, C]. local_rebuild is the one-process rebuild; under the frame layout the rebuild
+    first gathers anchors from the other ranks (run_operator).
 
     `reused` caches slices of block-invariant arguments (RoPE) for the duration of one forward."""
     hidden = names.get(adapter.hidden, args, kwargs)  # [B, F*HW, C]

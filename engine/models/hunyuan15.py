@@ -18,6 +18,7 @@ attention step (`JointAttention.sequence`).
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import torch
@@ -27,7 +28,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from fis import DiTDims
 
-from .spec import BlockArgs, FISAdapter, ModelFamily, SliceRule, SPPlan
+from .spec import AttentionSite, BlockArgs, FISAdapter, ModelFamily, SliceRule, SPPlan
 
 TEXT_LEN = 256  # context tokens counted in joint attention by the FLOPs counter (the paper's count)
 _TEXT = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
@@ -36,17 +37,6 @@ _TEXT = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embed
 def _patch(config) -> tuple[int, int, int]:
     return config.patch_size_t, config.patch_size, config.patch_size  # ints, not a tuple as Wan's
 
-
-# Only the video stream is sliced; the text stream and its mask ([B, L_text]) pass whole, and the block's updated
-# text stream is used as is.
-ADAPTER = FISAdapter(
-    name="hunyuanvideo1.5",
-    blocks_attr="transformer_blocks",
-    hidden="hidden_states",
-    per_frame={"freqs_cis": SliceRule(dim=0, reuse=True)},  # (cos, sin), each [N, D]
-    output_index=0,  # returns (hidden_states, encoder_hidden_states)
-    patch=_patch,
-)
 
 # A toy-width transformer of the same structure (CPU smoke runs of the benchmark); the real size is diffusers'
 # default HunyuanVideo15Transformer3DModel config (54 dual-stream blocks, 16 x 128 heads: the 8B model).
@@ -127,8 +117,10 @@ def image_sized(processor):
 
 
 # ---- joint attention without the dense mask ------------------------------------------------------------------
-def _heads(attn, x, to_q, to_k, to_v, norm_q, norm_k):  # [B, S, C] -> q, k, v [B, S, H, D]
-    q, k, v = (f(x).unflatten(2, (attn.heads, -1)) for f in (to_q, to_k, to_v))
+def _heads(attn, x, to_q, to_k, to_v, norm_q, norm_k, x_kv=None):  # [B, S, C] -> q, k, v [B, S, H, D]
+    """x_kv: the tokens of the keys and values when they are not x's (FIS 'kv': the anchor frames)."""
+    x_kv = x if x_kv is None else x_kv
+    q, k, v = (f(y).unflatten(2, (attn.heads, -1)) for f, y in ((to_q, x), (to_k, x_kv), (to_v, x_kv)))
     return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
 
 
@@ -140,10 +132,17 @@ class JointAttention:
     _parallel_config = None
     sequence = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        q, k, v = _heads(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)  # [B, N, H, D]
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, keys=None
+    ):
+        """keys: FIS 'kv' (split_attention): the video keys and values are those of the tokens keys(x, dim) selects
+        (the anchor frames); every video and text query attends to them and to the text."""
+        x_kv = None if keys is None else keys(hidden_states, 1)  # [B, N_k, C]
+        q, k, v = _heads(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, x_kv)
         if image_rotary_emb is not None and q.shape[1]:  # (cos, sin), each [N, D]: this rank's video tokens
-            q, k = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (q, k))
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)  # [B, N, H, D]
+            rope_kv = image_rotary_emb if keys is None else tuple(keys(t, 0) for t in image_rotary_emb)
+            k = apply_rotary_emb(k, rope_kv, sequence_dim=1) if k.shape[1] else k  # [B, N_k, H, D]
         tq, tk, tv = _heads(
             attn,
             encoder_hidden_states,
@@ -168,7 +167,7 @@ class JointAttention:
     def attend(self, q, k, v, tq, tk, tv, keep):
         """One attention over [video, text] in one process. keep: [B, L] key mask of the text, or None."""
         n = q.shape[1]
-        mask = None if keep is None else F.pad(keep, (n, 0), value=True)[:, None, None]  # [B, 1, 1, S]: O(S)
+        mask = None if keep is None else F.pad(keep, (k.shape[1], 0), value=True)[:, None, None]  # [B, 1, 1, S]: O(S)
         out = dispatch_attention_fn(
             torch.cat([q, tq], 1),
             torch.cat([k, tk], 1),
@@ -202,6 +201,43 @@ def install_joint_attention(transformer):
                 del attn._joint_saved, attn._joint_users
 
     return [a.processor for a in attns], undo
+
+
+def split_attention(attn, args, kwargs, names: BlockArgs, keys):
+    """FIS 'kv' on a dual-stream block's joint attention: JointAttention with the video keys and values of the tokens
+    keys(x, dim) selects. The block's own processor when it is one (sequence parallelism and drop_text_padding
+    install it), else a JointAttention on the processor's backend for this call (one process)."""
+    proc = attn.processor
+    if not isinstance(proc, JointAttention):
+        backend, proc = proc._attention_backend, JointAttention()
+        proc._attention_backend = backend
+    get = functools.partial(names.get, args=args, kwargs=kwargs)
+    return proc(
+        attn,
+        get("hidden_states"),
+        get("encoder_hidden_states"),
+        get("attention_mask"),
+        get("image_rotary_emb"),
+        keys=keys,
+    )
+
+
+# Only the video stream is sliced; the text stream and its mask ([B, L_text]) pass whole, and the block's updated
+# text stream is used as is.
+ADAPTER = FISAdapter(
+    name="hunyuanvideo1.5",
+    blocks_attr="transformer_blocks",
+    hidden="hidden_states",
+    per_frame={"freqs_cis": SliceRule(dim=0, reuse=True)},  # (cos, sin), each [N, D]
+    output_index=0,  # returns (hidden_states, encoder_hidden_states)
+    patch=_patch,
+    attention=AttentionSite(
+        module="attn",  # called as attn(hidden_states=, encoder_hidden_states=, attention_mask=, image_rotary_emb=)
+        per_frame={"image_rotary_emb": SliceRule(dim=0, reuse=True)},
+        output_index=0,  # (video, text): the text stream attends to the anchors, as with the block-scope operators
+        split=split_attention,
+    ),
+)
 
 
 def _trim(block, args, kwargs, names, seen):

@@ -2,6 +2,7 @@
 small functions. No model is named here.
 
   FISAdapter   where the blocks are and which block arguments carry tokens (the FIS hooks read it)
+  AttentionSite  a block's self-attention module, for the FIS operators that make only the self-attention sparse
   SPPlan       where tokens are born, positioned and leave (sequence parallelism reads it)
   ModelFamily  both, plus everything else the engine must know of one architecture: preset family, FLOPs
                dimensions, default size, prompt encoding, pipeline fixes, single-process optimisations
@@ -31,6 +32,24 @@ def patch_tuple(config) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
+class AttentionSite:
+    """A block's self-attention module, as the attention-scope FIS operators (fis/operators.py: 'attn', 'kv') reach
+    it: the block runs on every frame and a hook on this module makes the self-attention sparse.
+
+    'attn' slices `hidden` and the `per_frame` arguments to the anchor frames and calls the module as it is; 'kv'
+    calls `split(attn, args, kwargs, names, keys)`: the module's own computation with the queries of every token and
+    the keys and values of the tokens keys(x, dim) selects (x holds every token along dim, frame-major), returning
+    what the module returns. `split` is the one piece of model code FIS needs: diffusers' processors take one token
+    set for queries and keys; with `keys` the identity it must equal the module's own output."""
+
+    module: str  # the block's submodule
+    hidden: str = "hidden_states"  # its argument with the video tokens [B, F*HW, C]
+    per_frame: dict[str, SliceRule] = field(default_factory=dict)  # its per-token arguments (RoPE)
+    output_index: int | None = None  # a tuple output: where the video tokens are
+    split: Callable | None = None
+
+
+@dataclass(frozen=True)
 class FISAdapter:
     name: str
     blocks_attr: str  # nn.ModuleList of transformer blocks
@@ -39,6 +58,7 @@ class FISAdapter:
     output_index: int | None = None  # the block returns a tuple; this element holds the video tokens
     patch: Callable = patch_tuple  # config -> (p_t, p_h, p_w)
     input_arg: str = "hidden_states"  # transformer argument [B, C, F, H, W]
+    attention: AttentionSite | None = None  # None: only the block-scope operators (linear, residual)
 
     def geometry(self, transformer, latents) -> tuple[int, int]:
         """(latent frames after patching, tokens per frame) from the transformer input."""

@@ -6,12 +6,57 @@ cross-attention). The embedded model is this architecture too.
 
 from __future__ import annotations
 
+import diffusers.models.transformers.transformer_wan as diffusers_wan
+import torch
+
 from fis import DiTDims
 
-from .spec import FISAdapter, ModelFamily, SliceRule, SPPlan
+from .spec import AttentionSite, BlockArgs, FISAdapter, ModelFamily, SliceRule, SPPlan
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width), Wan's sizes
 TEXT_LEN = 512  # umT5 tokens the pipelines pad to
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """WanAttnProcessor's rotary embedding (interleaved pairs): x [B, N, H, D], cos/sin [1, N, 1, D]."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)
+
+
+def split_attention(attn, args, kwargs, names: BlockArgs, keys):
+    """WanAttnProcessor's self-attention (attn1: no context, no image keys) with the keys and values of the tokens
+    keys(x, dim) selects: Q and the output projection on every token, K and V on the selected ones only, then
+    diffusers' dispatcher (the processor's backend and, under sequence parallelism, its all-to-all), so every query
+    attends to the selected tokens. The same operations in the same order as the processor: with keys the identity
+    its output bit for bit (tests/test_operators.py)."""
+    x = names.get("hidden_states", args, kwargs)  # [B, N, C]
+    rotary = names.get("rotary_emb", args, kwargs)  # (cos, sin), each [1, N, 1, D]
+    if names.get("encoder_hidden_states", args, kwargs) is not None or getattr(attn, "fused_projections", False):
+        raise ValueError("FIS operator 'kv' needs Wan's self-attention with unfused projections")
+    x_kv = keys(x, 1)  # [B, N_k, C]
+    q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
+    k = attn.norm_k(attn.to_k(x_kv)).unflatten(2, (attn.heads, -1))  # [B, N_k, H, D]
+    v = attn.to_v(x_kv).unflatten(2, (attn.heads, -1))
+    if rotary is not None:
+        q, k = _rope(q, *rotary), _rope(k, *(keys(t, 1) for t in rotary))
+    proc = attn.processor
+    out = diffusers_wan.dispatch_attention_fn(  # looked up where the processor looks it up (parallel/xdit.py swaps it)
+        q,
+        k,
+        v,
+        attn_mask=names.get("attention_mask", args, kwargs),
+        dropout_p=0.0,
+        is_causal=False,
+        backend=proc._attention_backend,
+        parallel_config=proc._parallel_config,
+    )
+    out = out.flatten(2, 3).type_as(q)  # [B, N, C]
+    return attn.to_out[1](attn.to_out[0](out))
+
 
 ADAPTER = FISAdapter(
     name="wan",
@@ -21,6 +66,11 @@ ADAPTER = FISAdapter(
         "rotary_emb": SliceRule(dim=1, reuse=True),  # (cos, sin), each [1, N, 1, D]
         "temb": SliceRule(dim=1, ndim=4),  # Wan 2.2 TI2V per-token timesteps [B, N, 6, C]
     },
+    attention=AttentionSite(
+        module="attn1",  # WanAttention, called as attn1(norm_hidden_states, None, None, rotary_emb)
+        per_frame={"rotary_emb": SliceRule(dim=1, reuse=True)},
+        split=split_attention,
+    ),
 )
 
 SP_PLAN = SPPlan(embed="patch_embedding", rope="rope", out="proj_out", per_token_inputs=("timestep",))

@@ -12,11 +12,11 @@ from fis import FISConfig, FISConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # package data: works from a wheel too
 PRESET_DIR = CONFIG_DIR / "fis"
-PRESETS = ("balanced", "fast")
+PRESETS = ("balanced", "fast", "quality")
 
 
 def load_fis(spec: str | None, family: str = "default") -> FISConfig | None:
-    """'off'/None -> None; 'balanced'/'fast' -> the family's preset; anything else -> a TOML path."""
+    """'off'/None -> None; 'balanced'/'fast'/'quality' -> the family's preset; anything else -> a TOML path."""
     if spec is None or spec.lower() in ("off", "none", "dense"):
         return None
     if spec.lower() in PRESETS:

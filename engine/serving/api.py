@@ -45,7 +45,7 @@ from starlette.routing import Match
 from engine.errors import FieldError
 
 from .jobs import ID, QueueFull
-from .schema import ModelNotFound, form_body
+from .schema import FIS_NAMES, ModelNotFound, form_body
 
 PAGE = Path(__file__).resolve().parent / "page"
 PAGE_FILES = {
@@ -280,7 +280,7 @@ def create_app(service) -> FastAPI:
                     **service.describe,
                     "replicas": c.serve.replicas,
                     "default_fis": c.serve.fis,
-                    "fis_presets": ["off", "balanced", "fast"],
+                    "fis_presets": list(FIS_NAMES),
                     "limits": vars(c.limits),
                     "default_size": f"{info.default_size[1]}x{info.default_size[0]}",
                     "default_frames": info.default_frames,

@@ -1,6 +1,6 @@
 """Training the embedded model: a small Wan-architecture video DiT on procedural shapes videos.
 
-Three stages, all seeded, into one ordinary WanPipeline folder:
+Three stages (a fourth for v2), all seeded, into one ordinary WanPipeline folder:
   1. the latent space: a linear patch VAE (engine/models/patch_vae.py: PCA of 4x4x4 pixel patches, x4 spatial and x4
      temporal, 49 frames of 64x64 -> 13 latent frames of 16x16 x 32 channels), fitted in closed form; the latent
      statistics become the config's latents_mean/std, as Wan's pipeline expects. (A learned AutoencoderKLWan
@@ -8,7 +8,15 @@ Three stages, all seeded, into one ordinary WanPipeline folder:
   2. a WanTransformer3DModel trained with flow matching on the normalised latents, conditioned on a frozen
      random tiny UMT5 behind a word-level tokenizer trained offline; half the timesteps are the few-step
      sampler's own (4, 6 and 8 Euler steps), so 4-step sampling works without distillation;
-  3. the EMA weights saved in fp16 (the folder stays under 30 MB; loading upcasts).
+  3. the EMA weights saved in fp16 (the folder stays under 30 MB; loading upcasts);
+  4. (v2, `distill_steps` > 0) a few-step student distilled from the trained model, as the Lightning models are
+     from theirs: from each point of the 4-step Euler grid the teacher integrates its guided ODE to the next point in
+     `distill_substeps` Euler steps, and the student learns to land there in one unguided step (guidance 1).
+
+The defaults are the shipped model's settings (engine/weights/shapes-wan/training.json repeats it). V2 is a preset
+(`V2`: more and narrower blocks, textured backgrounds under a panning camera, distillation) for real-model-like
+redundancy between frames (issue 16: Eq. 6 linear error <= 0.15). A stage can start from a saved pipeline folder
+(`train(..., start=...)`), so a run longer than one device command is two commands: the teacher, then the student.
 """
 
 from __future__ import annotations
@@ -66,7 +74,35 @@ class TrainConfig:
     ffn: int = 768
     dit_budget_s: float | None = None  # wall-clock budget: the step count is cut to fit after 30 timed steps,
     compile: bool = False  # and the count actually run is recorded
+    # data (v2): background mix, camera pan, texture kind (shapes.render); the defaults are the shipped model's
+    textured: float | None = None  # probability of the textured background (None: the three alike)
+    camera: float = 0.0  # camera pan over textured backgrounds, fraction of the frame side per clip
+    texture: str = "blocks"
+    # distillation (v2): a 4-step unguided student of the trained (guided) model
+    distill_steps: int = 0
+    distill_batch: int = 32
+    distill_lr: float = 1e-4
+    distill_guidance: float = 3.0  # the teacher's classifier-free guidance
+    distill_substeps: int = 4  # teacher Euler steps per student step
+    distill_budget_s: float | None = None
+    guidance: float = 3.0  # the model's default guidance (engine_defaults.json): 1.0 for a distilled student
     done: dict = field(default_factory=dict)
+
+
+# The v2 testbed (issue 16), on top of the defaults: 20 blocks of width 192 (2 protected blocks are 10% of the model,
+# not 20%; ~10.3M parameters, ~21 MB in fp16), every other clip on a smooth texture under a panning camera (frames
+# share shifted structure, as real video does), and a 4-step unguided student distilled from the guided model.
+V2 = dict(
+    layers=20,
+    heads=3,
+    head_dim=64,
+    ffn=576,
+    textured=0.5,
+    camera=0.25,
+    texture="smooth",
+    distill_steps=2000,
+    guidance=1.0,
+)
 
 
 def build_pipeline(cfg: TrainConfig):
@@ -116,15 +152,16 @@ def build_pipeline(cfg: TrainConfig):
 
 
 def _clip(args):
-    seed, i, frames, size, spread = args
+    seed, i, frames, size, spread, textured, camera, texture = args
     rng = np.random.default_rng([seed, i])  # per clip, so the data do not depend on the number of workers
-    spec = shapes.sample_spec(rng)
-    return shapes.render(spec, frames, size, rng, spread), spec.prompt()
+    spec = shapes.sample_spec(rng, textured)
+    return shapes.render(spec, frames, size, rng, spread, camera, texture), spec.prompt()
 
 
 def make_clips(cfg: TrainConfig, workers: int = 1):
     """([N, F, H, W, 3] uint8, prompts)."""
-    jobs = [(cfg.seed, i, cfg.frames, cfg.size, cfg.spread) for i in range(cfg.clips)]
+    data = (cfg.textured, cfg.camera, cfg.texture)
+    jobs = [(cfg.seed, i, cfg.frames, cfg.size, cfg.spread, *data) for i in range(cfg.clips)]
     if workers > 1:
         with get_context("fork").Pool(workers) as pool:
             out = pool.map(_clip, jobs, chunksize=64)
@@ -238,39 +275,137 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: Trai
     return total
 
 
-def train(cfg: TrainConfig, device: torch.device, workers: int = 1, log=print):
-    """Everything but saving; returns the pipeline (on `device`, fp32) and a report dict."""
+def train(cfg: TrainConfig, device: torch.device, workers: int = 1, log=print, start: str | None = None):
+    """Everything but saving; returns the pipeline (on `device`, fp32) and a report dict.
+
+    start: a pipeline folder this run continues from (its VAE, text encoder and transformer; the data are made
+    again from the same seed): only the stages left run, i.e. the distillation of a saved teacher."""
     t0 = time.perf_counter()
     clips_np, prompts = make_clips(cfg, workers)  # before CUDA is touched: the workers are forked
-    pipe = build_pipeline(cfg).to(device)
+    pipe = build_pipeline(cfg) if start is None else _load(start)
+    pipe.to(device)
     clips = torch.from_numpy(clips_np).to(device)  # [N, F, H, W, 3] uint8
     log(f"{len(clips)} clips {tuple(clips.shape[1:])} in {time.perf_counter() - t0:.1f}s")
     t1 = time.perf_counter()
-    kept = pipe.vae.fit(
-        [to_pixels(clips[i : i + 50]) for i in range(0, min(cfg.pca_clips, len(clips)), 50)], seed=cfg.seed
-    )
+    kept = None
+    if start is None:
+        kept = pipe.vae.fit(
+            [to_pixels(clips[i : i + 50]) for i in range(0, min(cfg.pca_clips, len(clips)), 50)], seed=cfg.seed
+        )
     lat = encode_all(pipe.vae, clips)  # [N, Z, F, h, w]
-    mean, std = lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4))
-    pipe.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    if start is None:
+        mean, std = lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4))
+        pipe.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    mean, std = (torch.tensor(pipe.vae.config[k], device=device) for k in ("latents_mean", "latents_std"))
     lat = (lat - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     with torch.no_grad():  # reconstruction on clips the PCA did not see
         x = to_pixels(clips[-8:])
         rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
         ae_psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec.float(), x)))
-    log(f"patch VAE: {cfg.z_dim} components keep {100 * kept:.2f}% of the variance, reconstruction {ae_psnr:.1f} dB")
+    log(f"patch VAE: {cfg.z_dim} components, reconstruction {ae_psnr:.1f} dB")
     t2 = time.perf_counter()
-    cfg.done["dit_steps"] = train_transformer(pipe, lat, prompts, cfg, log)
+    if start is None:
+        cfg.done["dit_steps"] = train_transformer(pipe, lat, prompts, cfg, log)
+    t3 = time.perf_counter()
+    if cfg.distill_steps > 0:
+        cfg.done["distill_steps"] = distill(pipe, lat, prompts, cfg, log)
     t4 = time.perf_counter()
     report = {
         "config": asdict(cfg),
+        "started_from": start,
         "latent_shape": list(lat.shape[1:]),
         "ae_recon_psnr_db": ae_psnr,
         "pca_variance_kept": kept,
-        "seconds": {"data": t1 - t0, "vae": t2 - t1, "transformer": t4 - t2},
+        "seconds": {"data": t1 - t0, "vae": t2 - t1, "transformer": t3 - t2, "distill": t4 - t3},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
     return pipe, report
+
+
+def _load(folder: str):
+    """A saved pipeline (fp16 weights) in fp32, to continue training."""
+    from diffusers import WanPipeline
+
+    from engine.models.patch_vae import PatchVAE
+
+    vae = PatchVAE.from_pretrained(folder, subfolder="vae")
+    pipe = WanPipeline.from_pretrained(folder, vae=vae, torch_dtype=torch.float32)
+    pipe.text_encoder.requires_grad_(False)
+    return pipe
+
+
+def distill(pipe, latents: torch.Tensor, prompts: list[str], cfg: TrainConfig, log) -> int:
+    """The few-step student (stage 4). Teacher: a frozen copy of the trained transformer, guided (CFG
+    cfg.distill_guidance against the empty prompt, as the pipeline computes it). For a batch of training latents z,
+    noise e and a step k of the 4-step Euler grid sigma_0 > ... > sigma_4 = 0: x_k = (1 - s_k) z + s_k e, the teacher
+    integrates from x_k to sigma_{k+1} in `distill_substeps` Euler steps, and the student's one Euler step must land on
+    the same point: v* = (x_teacher - x_k) / (s_{k+1} - s_k), MSE on the student's unguided velocity. The student
+    starts from the teacher; its EMA is what is kept."""
+    import copy
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    dev = latents.device
+    student = pipe.transformer.train().requires_grad_(True)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    table = sorted(set(prompts)) + [""]
+    with torch.no_grad():  # the text encoder is frozen
+        emb = pipe.encode_prompt(
+            table, do_classifier_free_guidance=False, max_sequence_length=cfg.text_len, device=dev
+        )[0].float()  # [U, L, 64]
+    which = torch.tensor([table.index(p) for p in prompts], device=dev)
+    sched = FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
+    sched.set_timesteps(4)
+    grid = sched.sigmas.float().to(dev)  # [5]: the student's sampler, last 0
+    ema = [p.detach().clone() for p in student.parameters()]
+    opt = torch.optim.AdamW(
+        student.parameters(), lr=cfg.distill_lr, weight_decay=0.0, betas=(0.9, 0.99), fused=dev.type == "cuda"
+    )
+    g = torch.Generator(device=dev).manual_seed(cfg.seed + 3)
+    clock, total, step, B = _Clock(cfg.distill_budget_s), cfg.distill_steps, 0, cfg.distill_batch
+    autocast = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def velocity(model, x, s, text):  # x [B, C, F, h, w], s [B] noise levels, text [B, L, 64]
+        return model(x, s * 1000, text, return_dict=False)[0].float()
+
+    while step < total:
+        total = _fit(total, step, clock, 50)
+        idx = torch.randint(len(latents), (B,), generator=g, device=dev)
+        z, text = latents[idx], emb[which[idx]]
+        k = torch.randint(4, (B,), generator=g, device=dev)
+        s0, s1 = grid[k], grid[k + 1]  # [B]
+        view = (B, 1, 1, 1, 1)
+        x0 = (1 - s0.view(view)) * z + s0.view(view) * torch.randn(z.shape, generator=g, device=dev)
+        with torch.no_grad(), torch.autocast(**autocast):
+            x, uncond = x0, emb[-1:].expand(B, -1, -1)
+            for j in range(cfg.distill_substeps):
+                a = s0 + (s1 - s0) * j / cfg.distill_substeps
+                b = s0 + (s1 - s0) * (j + 1) / cfg.distill_substeps
+                v = velocity(teacher, torch.cat([x, x]), torch.cat([a, a]), torch.cat([text, uncond]))
+                v_c, v_u = v.chunk(2)
+                x = x + (b - a).view(view) * (v_u + cfg.distill_guidance * (v_c - v_u))
+            target = (x - x0) / (s1 - s0).view(view)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, total, cfg.distill_lr, warmup=50)
+        with torch.autocast(**autocast):
+            pred = velocity(student, x0, s0, text)
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in student.parameters()], 1 - decay)
+        if step % 100 == 0:
+            log(f"distill step {step}/{total}: loss {loss.item():.4f}")
+        step += 1
+    with torch.no_grad():
+        for p, e in zip(student.parameters(), ema):
+            p.copy_(e)
+    student.eval().requires_grad_(False)
+    return total
 
 
 @torch.no_grad()
@@ -285,7 +420,7 @@ def check_adherence(pipe, cfg: TrainConfig, prompts: int, seed: int = 1234) -> f
             width=cfg.size,
             num_frames=cfg.frames,
             num_inference_steps=4,
-            guidance_scale=1.0,
+            guidance_scale=cfg.guidance,  # the model's default (engine_defaults.json)
             max_sequence_length=cfg.text_len,  # as trained
             output_type="np",
             generator=torch.Generator("cpu").manual_seed(i),
@@ -309,6 +444,6 @@ def save(pipe, out, report: dict) -> None:
         "width": report["config"]["size"],
         "num_frames": report["config"]["frames"],
         "steps": 4,
-        "guidance": 1.0,
+        "guidance": report["config"]["guidance"],
     }
     write_json(defaults, Path(out) / "engine_defaults.json")

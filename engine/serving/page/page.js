@@ -38,6 +38,9 @@ async function loadModel() {
     $("num_inference_steps").placeholder = "4";
     $("guidance_scale").placeholder = String(m.default_guidance);
     $("image_row").hidden = !m.image_to_video;
+    const fis = $("fis");
+    while (fis.options.length > 1) fis.remove(1);
+    for (const name of m.fis_presets) fis.add(new Option(name === "off" ? "off (dense)" : name, name));
     say("");
     refreshJobs();
   } catch (e) {
