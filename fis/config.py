@@ -7,6 +7,7 @@ against one model and one request and returns the concrete `FISPlan` (schedule.p
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,31 +24,62 @@ class FISConfigError(ValueError):
     """A FIS setting that cannot work; the message names the field and the valid range."""
 
 
+MAX_BLOCKS = 1024  # no video DiT comes near (Wan 40, HunyuanVideo 1.5 54): a bound before anything is expanded
+_INDEX = re.compile(r"[0-9]{1,4}")  # ASCII digits: int() would take any script's
+
+
 def parse_blocks(spec) -> tuple[int, ...] | None:
-    """'auto'/None -> None; '2-37' -> (2..37) inclusive; '1,3,5-7' or a list -> explicit tuple."""
+    """'auto'/None -> None; '2-37' -> (2..37) inclusive; '1,3,5-7' or a list -> explicit tuple. Indices are
+    checked against MAX_BLOCKS before any range is expanded, and messages quote at most a few of them: a short
+    spec must not cost memory, time or a long error in proportion to the numbers in it."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "auto")):
         return None
     if isinstance(spec, range):
-        return tuple(spec)
+        spec = list(spec) if len(spec) <= MAX_BLOCKS else [spec.stop]
     if isinstance(spec, (list, tuple)):
+        if len(spec) > MAX_BLOCKS:
+            raise FISConfigError(f"fis blocks: {len(spec)} indices; a model has at most {MAX_BLOCKS} blocks")
         out = []
         for x in spec:
             if isinstance(x, bool) or not isinstance(x, int):
-                raise FISConfigError(f"fis blocks: {x!r} is not a block index")
+                raise FISConfigError(f"fis blocks: {_short(x)} is not a block index")
+            if not 0 <= x < MAX_BLOCKS:
+                raise FISConfigError(f"fis blocks: index {_short(x)} is out of range 0-{MAX_BLOCKS - 1}")
             out.append(x)
         return tuple(out)
     if not isinstance(spec, str):
-        raise FISConfigError(f"fis blocks: expected 'auto', 'a-b', 'a,b,c' or a list, got {spec!r}")
+        raise FISConfigError(f"fis blocks: expected 'auto', 'a-b', 'a,b,c' or a list, got {_short(spec)}")
+    parts = spec.replace(" ", "").split(",")
+    if len(parts) > MAX_BLOCKS:
+        raise FISConfigError(f"fis blocks: {len(parts)} parts; a model has at most {MAX_BLOCKS} blocks")
     out = []
-    for part in spec.replace(" ", "").split(","):
-        try:
-            lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part),) * 2
-        except ValueError:
-            raise FISConfigError(f"fis blocks: cannot parse '{part}' in '{spec}' (use 'a-b' or 'a,b,c')") from None
+    for part in parts:
+        ends = part.split("-", 1) if "-" in part else [part, part]
+        if not all(_INDEX.fullmatch(e) for e in ends):
+            raise FISConfigError(
+                f"fis blocks: cannot parse {_short(part)} in {_short(spec)} (use 'a-b' or 'a,b,c', "
+                f"indices 0-{MAX_BLOCKS - 1})"
+            )
+        lo, hi = int(ends[0]), int(ends[1])
+        if hi >= MAX_BLOCKS:
+            raise FISConfigError(f"fis blocks: index {hi} is out of range 0-{MAX_BLOCKS - 1}")
         if hi < lo:
-            raise FISConfigError(f"fis blocks: range '{part}' is empty (end < start)")
+            raise FISConfigError(f"fis blocks: range {_short(part)} is empty (end < start)")
         out.extend(range(lo, hi + 1))
+        if len(out) > MAX_BLOCKS:
+            raise FISConfigError(f"fis blocks: more than {MAX_BLOCKS} indices; a model has at most that many blocks")
     return tuple(out)
+
+
+def _short(v, limit: int = 40) -> str:
+    """A value in a message, bounded."""
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _listed(blocks) -> str:
+    """Block indices in a message: compact ranges, bounded."""
+    return _short(_compact(tuple(blocks)), 60)
 
 
 @dataclass(frozen=True)
@@ -85,17 +117,17 @@ class FISConfig:
         for key in ("stride", "dense_head", "dense_tail", "dense_steps"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise FISConfigError(f"fis {key}: expected an integer, got {v!r}")
+                raise FISConfigError(f"fis {key}: expected an integer, got {_short(v)}")
         if self.stride < 1:
-            raise FISConfigError(f"fis stride must be >= 1, got {self.stride}")
+            raise FISConfigError(f"fis stride must be >= 1, got {_short(self.stride)}")
         if self.dense_head < 0 or self.dense_tail < 0 or self.dense_steps < 0:
             raise FISConfigError("fis dense_head, dense_tail and dense_steps must be >= 0")
         if self.operator not in OPERATORS:
-            raise FISConfigError(f"fis operator must be one of {', '.join(OPERATORS)}, got {self.operator!r}")
+            raise FISConfigError(f"fis operator must be one of {', '.join(OPERATORS)}, got {_short(self.operator)}")
         if not isinstance(self.interleave, bool):
-            raise FISConfigError(f"fis interleave: expected true/false, got {self.interleave!r}")
+            raise FISConfigError(f"fis interleave: expected true/false, got {_short(self.interleave)}")
         if self.blocks is not None and len(set(self.blocks)) != len(self.blocks):
-            raise FISConfigError(f"fis blocks: duplicate indices in {list(self.blocks)}")
+            raise FISConfigError(f"fis blocks: duplicate indices in {_listed(self.blocks)}")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -152,11 +184,11 @@ class FISConfig:
             return tuple(range(lo, hi))
         bad = [b for b in self.blocks if not 0 <= b < num_blocks]
         if bad:
-            raise FISConfigError(f"fis blocks {bad} out of range: the model has blocks 0-{num_blocks - 1}")
+            raise FISConfigError(f"fis blocks {_listed(bad)} out of range: the model has blocks 0-{num_blocks - 1}")
         clash = [b for b in self.blocks if b < lo or b >= hi]
         if clash:
             raise FISConfigError(
-                f"fis blocks {clash} overlap the protected head/tail (dense blocks 0-{lo - 1} and "
+                f"fis blocks {_listed(clash)} overlap the protected head/tail (dense blocks 0-{lo - 1} and "
                 f"{hi}-{num_blocks - 1}); "
                 f"lower dense_head/dense_tail to sparsify them"
             )
@@ -168,10 +200,12 @@ class FISConfig:
 
         if num_frames >= 1 and self.stride >= num_frames and self.stride > 1:
             raise FISConfigError(
-                f"fis stride {self.stride} must be smaller than the number of latent frames ({num_frames})"
+                f"fis stride {_short(self.stride)} must be smaller than the number of latent frames ({num_frames})"
             )
         if self.dense_steps > num_steps:
-            raise FISConfigError(f"fis dense_steps ({self.dense_steps}) exceeds the number of steps ({num_steps})")
+            raise FISConfigError(
+                f"fis dense_steps ({_short(self.dense_steps)}) exceeds the number of steps ({num_steps})"
+            )
         return FISPlan(self, self.sparse_blocks(num_blocks), num_frames, num_steps)
 
 

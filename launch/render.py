@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", required=True, help="where ID.mp4, ID.metrics.json and summary.json go")
     add_model_args(p)
     p.add_argument("--fis", default="off", help="FIS preset for lines that name none: off, balanced, fast")
-    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--fps", type=int, help="frames per second of the videos (default: the model's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = p.add_argument_group("Ray")
     r.add_argument("--ray", action="store_true", help="render on a Ray cluster (a local one unless --address)")
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         ranks = ranks_of(cfg)  # checks the degrees
         if a.groups is not None and a.groups < 1:
             raise UserError("--groups must be >= 1")
-        if world % ranks:
+        if world % ranks and not (a.ray or a.address):  # on Ray the groups are actors, not these processes
             raise UserError(
                 f"{world} process(es) cannot form render groups of {ranks}: run under torchrun with "
                 f"a multiple of {ranks} processes, or with --ray"

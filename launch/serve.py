@@ -1,6 +1,8 @@
-"""Start the video endpoint on Ray Serve (POST /v1/videos, GET /v1/videos/{id}[/content], /healthz, /v1/models).
+"""Start the video endpoint on Ray Serve (POST /v1/videos, GET /v1/videos/{id}[/content], /healthz, /v1/models, the
+page at /).
 
   python launch/serve.py --config configs/serve.toml [section.key=value ...] [--address auto]
+  python launch/serve.py --executor local     # one process, no Ray: one worker group of one rank (uvicorn)
   serve run launch.serve:build config=configs/serve.toml [section.key=value ...]
   serve run launch.serve:app          # configs/serve.toml as it is
 
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from engine.errors import UserError
 from engine.serving.config import DEFAULT_CONFIG, load_config
+from engine.serving.executor import ranks_of
 from launch.common import Parser, fail
 
 
@@ -43,11 +46,18 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML file (default: configs/serve.toml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. serve.port=8080")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start a local one)")
+    p.add_argument(
+        "--executor", default="ray", choices=["ray", "local"], help="ray (default) or local: this process, no Ray"
+    )
     a = p.parse_args(argv)
     try:
         cfg = load_config(a.config, a.overrides)
+        if a.executor == "local" and (cfg.serve.replicas != 1 or ranks_of(cfg.model) != 1):
+            raise UserError("--executor local runs one replica of one rank: use Ray for replicas or parallelism")
     except UserError as e:
         fail(str(e), "serve")
+    if a.executor == "local":
+        return _serve_local(cfg)
 
     import ray
     from ray import serve
@@ -69,6 +79,23 @@ def main(argv=None) -> int:
         pass
     finally:
         serve.shutdown()  # graceful: a running job is reported interrupted at once
+    return 0
+
+
+def _serve_local(cfg) -> int:
+    """The same app without Ray: uvicorn over one VideoService with an in-process worker (LocalExecutor)."""
+    import uvicorn
+
+    from engine.serving.api import create_app
+    from engine.serving.executor import LocalExecutor
+    from engine.serving.service import VideoService
+
+    service = VideoService(cfg, lambda: LocalExecutor(cfg.model))
+    print(f"serving {cfg.model_name} at http://{cfg.serve.host}:{cfg.serve.port}/ (one process); Ctrl-C stops")
+    try:
+        uvicorn.run(create_app(service), host=cfg.serve.host, port=cfg.serve.port, log_level="warning")
+    finally:
+        service.close()
     return 0
 
 

@@ -77,12 +77,19 @@ def spawned(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the whole run (the Serve tests and batch rendering on Ray share it)."""
+    """One Ray cluster for the whole run, of two nodes on this machine (a head and a worker node, each a raylet
+    with 2 CPUs), shared by the Serve tests, batch rendering on Ray and the multi-node tests (test_cluster.py).
+    Yields the ray.cluster_utils.Cluster: a test that removes a node adds one back."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    yield ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
 
 
 # Tests that start processes (spawned gloo worlds, a Ray cluster, a wheel build) are `slow`: `make test-fast` leaves

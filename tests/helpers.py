@@ -197,3 +197,38 @@ def chunked_body(kib: int = 100):
     for _ in range(kib):
         yield b"x" * 1024
     yield b'"}'
+
+
+class LocalServer:
+    """The real app over a VideoService with an in-process worker (LocalExecutor: no Ray), served by uvicorn on a
+    thread at 127.0.0.1: what the API, client and page tests talk to over real HTTP, at the cost of one model load."""
+
+    def __init__(self, config):
+        import threading
+        import time
+
+        import uvicorn
+
+        from engine.serving.api import create_app
+        from engine.serving.executor import LocalExecutor
+        from engine.serving.service import VideoService
+
+        self.service = VideoService(config, lambda: LocalExecutor(config.model))
+        self.store = self.service.store
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(self.service), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        )
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.thread.start()
+        end = time.time() + 30
+        while not self.server.started:
+            if time.time() > end or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.service.close()

@@ -264,6 +264,7 @@ def app(workers):
     from fastapi.testclient import TestClient
 
     from engine.serving.api import create_app
+    from engine.serving.config import ServeConfig, ServeSettings
     from engine.serving.schema import Limits, check_for, parse
 
     limits = Limits(max_image_kib=64)
@@ -273,9 +274,8 @@ def app(workers):
         req, _ = parse(body, limits)
         return {"id": "video_x", "request": check_for(req, info).to_dict()}
 
-    service = SimpleNamespace(
-        config=SimpleNamespace(serve=SimpleNamespace(max_body_kib=4), limits=limits), submit=submit
-    )
+    config = ServeConfig(serve=ServeSettings(max_body_kib=4, allowed_hosts=["testserver"]), limits=limits)
+    service = SimpleNamespace(config=config, submit=submit)
     return TestClient(create_app(service))
 
 

@@ -295,4 +295,5 @@ HUNYUAN_VIDEO_15 = ModelFamily(
     prepare_pipeline=prepare_pipeline,
     optimise=drop_text_padding,
     fp8_keep=fp8_keep,
+    fps=24,
 )

@@ -99,6 +99,9 @@ class ModelFamily:
     prepare_pipeline(pipe) -> None: fixes applied once to a loaded pipeline
     optimise(transformer) -> undo or None: single-process speed-ups applied by the runtime (exact)
     fp8_keep(config) -> block indices `--quantize fp8` leaves in bf16 (measured as sensitive), or None: none
+    fps: frames per second of the family's videos (what `seconds` in a request converts with, and the mp4's rate)
+    size_multiple: what the family's pipelines demand of height and width themselves, beyond VAE x patch (Wan's
+        check_inputs wants multiples of 16 whatever the VAE): validation checks both before any work
     """
 
     name: str
@@ -113,6 +116,8 @@ class ModelFamily:
     prepare_pipeline: Callable = _none
     optimise: Callable = _none
     fp8_keep: Callable = _none
+    fps: int = 16
+    size_multiple: int = 1
 
 
 class BlockArgs:

@@ -161,4 +161,6 @@ WAN = ModelFamily(
     encode_text=encode_text,
     text_len=text_len,
     fp8_keep=fp8_keep,
+    fps=16,
+    size_multiple=16,  # WanPipeline.check_inputs: "height and width have to be divisible by 16"
 )

@@ -149,10 +149,11 @@ def model_info(pipe) -> ModelInfo:
         d = json.loads(own.read_text())
         size, frames = (int(d["height"]), int(d["width"])), int(d["num_frames"])
         guidance = float(d.get("guidance", 1.0))
+    vae_t, vae_s = getattr(pipe, "vae_scale_factor_temporal", 4), getattr(pipe, "vae_scale_factor_spatial", 8)
     return ModelInfo(
         num_blocks=cfg.num_layers,
-        vae_t=getattr(pipe, "vae_scale_factor_temporal", 4),
-        vae_s=getattr(pipe, "vae_scale_factor_spatial", 8),
+        vae_t=vae_t,
+        vae_s=vae_s,
         patch=tuple(family.adapter.patch(cfg)),
         family=preset_family(cfg),
         needs_image=needs_image,
@@ -160,4 +161,7 @@ def model_info(pipe) -> ModelInfo:
         default_size=tuple(size),
         default_frames=frames,
         default_guidance=guidance,
+        fps=family.fps,
+        pipeline_multiple=family.size_multiple,
+        dims=family.dims(cfg, vae_s, vae_t, family.text_len(pipe)),
     )

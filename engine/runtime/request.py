@@ -6,10 +6,11 @@ inputs with the same one-line messages.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from engine.errors import UserError
-from fis import FISConfig, FISConfigError
+from fis import UNIT, DiTDims, FISConfig, FISConfigError, generation_flops
 
 from .images import FITS, describe, prepare
 
@@ -31,13 +32,23 @@ class ModelInfo:
     default_size: tuple[int, int] = (480, 832)
     default_frames: int = 81
     default_guidance: float = 1.0
+    fps: int = 16  # the family's frame rate: `seconds` converts with it, the mp4 plays at it
+    pipeline_multiple: int = 1  # what the family's pipelines demand of height and width on top of VAE x patch
+    dims: DiTDims | None = None  # the architecture as the FLOPs counter sees it (a request's cost, up front)
 
     @property
     def size_multiple(self) -> int:
-        return self.vae_s * max(self.patch[1], self.patch[2])
+        return math.lcm(self.vae_s * max(self.patch[1], self.patch[2]), self.pipeline_multiple)
 
     def latent_frames(self, frames: int) -> int:
         return ((frames - 1) // self.vae_t + 1) // self.patch[0]
+
+    def dense_pflops(self, req: GenerationRequest) -> float | None:
+        """Denoising PFLOP of a completed request without FIS (what metrics call flops_dense_P); None if unknown."""
+        if self.dims is None:
+            return None
+        cfg_passes = 2 if req.guidance > 1.0 else 1
+        return generation_flops(self.dims, req.num_frames, req.height, req.width, req.steps, None, cfg_passes) / UNIT
 
 
 @dataclass
@@ -85,9 +96,7 @@ def validate(req: GenerationRequest, info: ModelInfo, fit_image: bool = True) ->
     for name, v in (("height", h), ("width", w)):
         _int(name, v, m, MAX_SIDE)
         if v % m:
-            raise UserError(
-                f"{name} {v} must be a multiple of {m} (VAE x{info.vae_s} times patch {info.patch[1]})", name
-            )
+            raise UserError(f"{name} {v} must be a multiple of {m} ({_multiple_reason(info)})", name)
     frames = info.default_frames if req.num_frames is None else req.num_frames
     _int("num_frames", frames, 1, MAX_FRAMES)
     if (frames - 1) % info.vae_t:
@@ -129,6 +138,16 @@ def validate(req: GenerationRequest, info: ModelInfo, fit_image: bool = True) ->
     )
     check_fis(out, info)
     return out
+
+
+def _multiple_reason(info: ModelInfo) -> str:
+    own = info.vae_s * max(info.patch[1], info.patch[2])
+    reason = f"VAE x{info.vae_s} times patch {info.patch[1]}"
+    return (
+        reason
+        if info.size_multiple == own
+        else f"{reason}; the pipeline itself wants multiples of {info.pipeline_multiple}"
+    )
 
 
 def check_fis(req: GenerationRequest, info: ModelInfo) -> None:

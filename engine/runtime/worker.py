@@ -2,6 +2,14 @@
 
 torchrun (launch/generate.py), Ray worker groups and batch rendering all drive the same class (through
 engine/serving/executor.py, by method name: `execute`), so the model code path is identical everywhere.
+
+A running request can be cancelled between transformer blocks, not only between steps (one step of a large video
+can take minutes): a pre-hook on every block asks the request's cancel callback. Under sequence or CFG parallelism
+every rank of the replica must stop at the same block, or the others would wait forever in their next collective;
+so the leader decides and broadcasts, at block counts every rank reaches together, spaced (from the last step's
+timing) to about a quarter second apart: a check costs one tiny broadcast, a few per second. An error the pipeline
+raises before its first transformer forward (its own input checks) is the request's, not a broken worker's:
+UserError, like validation's.
 """
 
 from __future__ import annotations
@@ -12,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.errors import Cancelled, UserError
+from engine.errors import Cancelled, UserError, one_line
 from engine.hooks.attention_backend import check_attention_backend
 from engine.hooks.quantize import check_quantize, resolve_quantize
-from engine.models import family_of
+from engine.models import adapter_for, family_of
 from engine.runtime import timing
 from fis import UNIT, DiTDims, generation_flops
 from parallel import Degrees, init_parallel, world_size_from_env
@@ -112,6 +120,7 @@ class Worker:
         # the decode dtype first: the decoder's shards share its parameters
         self.vae_dtype = set_vae_dtype(self.pipe, cfg.vae_dtype, self.device)
         self.decoder = parallelize_vae(getattr(self.pipe, "vae", None), self.ctx, cfg.vae_parallel == "auto")
+        self.interrupt = _Interrupt(self)
         self.pipe.set_progress_bar_config(disable=self.rank != 0, desc="denoise", leave=False)
 
     def _attention_backend(self, requested: str | None) -> tuple[str | None, str]:
@@ -174,8 +183,11 @@ class Worker:
         return generation_flops(self.dims(), req.num_frames, req.height, req.width, req.steps, plan, cfg_passes)
 
     @torch.no_grad()
-    def generate(self, req: GenerationRequest, on_step=None, cancel=None, decode: bool = True) -> dict:
-        """Run one request. on_step(k, n) after each step; cancel() -> True aborts (Cancelled).
+    def generate(
+        self, req: GenerationRequest, on_step=None, cancel=None, decode: bool = True, in_step: bool = False
+    ) -> dict:
+        """Run one request. on_step(k, n) after each step; cancel() -> True aborts (Cancelled), asked at each step's
+        end, and with in_step also between transformer blocks (cancel must then be cheap: a flag).
         Returns {'frames': [F, H, W, 3] float array (None if not decode), 'latents': final latents,
         'metrics': dict}."""
         req = self.validate(req, fit_image=False)  # the image is fitted just below, once
@@ -194,12 +206,13 @@ class Worker:
             clock.tick(i, kw["latents"])  # one sync per step, never inside the block loop
             if on_step is not None:
                 on_step(i + 1, req.steps)
-            if self._cancelled(cancel):
+            if self._cancelled(cancel, self.interrupt.spacing(clock.steps_s[-1])):
                 raise Cancelled()
             return {}
 
         extra.update(**text, **self.call.guidance(req.guidance), **self.call.size(req.height, req.width))
         self.fis.begin(req.steps, req.fis)
+        self.interrupt.begin(cancel if in_step else None)
         try:
             # every rank of the replica decodes its band of rows when they split (parallel/vae.py); the leader
             # alone gets the whole video, and decodes alone when they do not
@@ -213,7 +226,12 @@ class Worker:
                     **callback,
                     **extra,
                 )
+        except ValueError as e:
+            if self.interrupt.started:  # mid-denoise: not an input check
+                raise
+            raise UserError(f"the pipeline refused the request: {one_line(e).split(': ', 1)[-1]}") from None
         finally:
+            self.interrupt.end()
             self.fis.begin(1, None)
         t_end = timing.now(dev)
         frames = out.frames[0] if decode and self.ctx.is_leader else None
@@ -254,14 +272,17 @@ class Worker:
             }
         return metrics
 
-    def _cancelled(self, cancel) -> bool:
-        """The replica's leader decides; every rank of the replica must stop at the same step, or the
-        others would wait forever in their next collective."""
+    def _cancelled(self, cancel, spacing: int | None = None) -> bool:
+        """The replica's leader decides; every rank of the replica must stop at the same step (or block), or the
+        others would wait forever in their next collective. `spacing` (at step ends): the leader's choice of how
+        many blocks apart the in-step checks are from now on, sent along."""
         flag = bool(cancel()) if cancel is not None and self.ctx.is_leader else False
         if self.ctx.replica_group is not None:
-            t = torch.tensor([int(flag)], device=self.device)
+            t = torch.tensor([int(flag), spacing or 0], device=self.device)
             dist.broadcast(t, src=self.ctx.leader_rank(), group=self.ctx.replica_group)
-            flag = bool(t.item())
+            flag, spacing = bool(t[0].item()), int(t[1].item())
+        if spacing:
+            self.interrupt.every = spacing
         return flag
 
 
@@ -274,6 +295,47 @@ def check_config(cfg: WorkerConfig) -> None:
         raise UserError(f"unknown VAE dtype {cfg.vae_dtype!r}; valid: {', '.join(VAE_DTYPES)}", "vae_dtype")
     if cfg.vae_parallel not in VAE_PARALLEL:
         raise UserError(f"vae_parallel must be one of {', '.join(VAE_PARALLEL)}, got {cfg.vae_parallel!r}")
+
+
+class _Interrupt:
+    """Cancellation between transformer blocks (see the module docstring), and whether the pipeline has reached its
+    first transformer forward. A forward pre-hook on every block of every transformer; while no request runs, or
+    the request has no cancel callback, a hook is one attribute test."""
+
+    TARGET_S = 0.25  # seconds between in-step checks under parallelism
+
+    def __init__(self, worker: Worker):
+        self.worker, self.cancel, self.started = worker, None, False
+        self.count = self.mark = 0
+        self.every = 1
+        for t in worker.transformers:
+            t.register_forward_pre_hook(self._forward)
+            for block in getattr(t, adapter_for(t).blocks_attr):
+                block.register_forward_pre_hook(self._block)
+
+    def begin(self, cancel) -> None:
+        self.cancel, self.started, self.count, self.mark, self.every = cancel, False, 0, 0, 1
+
+    def end(self) -> None:
+        self.cancel = None
+
+    def spacing(self, step_s: float) -> int:
+        """Blocks between checks for the next step, from the step just timed: ~TARGET_S apart (one process: every
+        block, the check is free)."""
+        blocks, self.mark = self.count - self.mark, self.count
+        if self.worker.ctx.replica_group is None or blocks == 0:
+            return 1
+        return max(1, int(self.TARGET_S * blocks / max(step_s, 1e-6)))
+
+    def _forward(self, module, args) -> None:
+        self.started = True
+
+    def _block(self, module, args) -> None:
+        if self.cancel is None:
+            return
+        self.count += 1
+        if self.count % self.every == 0 and self.worker._cancelled(self.cancel):
+            raise Cancelled()
 
 
 class _StepClock:

@@ -31,10 +31,10 @@ from tqdm import tqdm
 from engine.errors import FieldError, UserError
 from engine.runtime.images import digest
 from engine.runtime.io import write_json, write_mp4
-from engine.runtime.request import GenerationRequest
+from engine.runtime.request import GenerationRequest, ModelInfo
 from engine.runtime.worker import WorkerConfig
 
-from .schema import parse
+from .schema import Limits, build, parse
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Batch:
         out_dir: str | Path,
         default_fis: str,
         cfg: WorkerConfig,
-        fps: int = 16,
+        fps: int | None = None,
         progress: bool = True,
         report: bool = True,
     ):
@@ -118,6 +118,7 @@ class Batch:
         self.pending = [i for i in self.items if i.id not in complete]
         self.rendered: list[str] = []
         self.errors: list[dict] = []
+        self._notes: dict[str, tuple[str, ...]] = {}  # per line: e.g. the default FIS preset ran dense
         self._queue = deque(self.pending)
         self._lock = threading.Lock()
         for b in self.bad if report else ():  # under torchrun every rank reads the manifest; one reports
@@ -139,11 +140,16 @@ class Batch:
         except (OSError, ValueError):
             return False
 
-    def request(self, item: Item, family: str) -> GenerationRequest:
-        """The line's request with the model family's FIS presets (the id plays no part)."""
-        return parse(
-            item.obj, default_fis=self.default_fis, family=family, allow_id=True, image_root=self.manifest.parent
-        )[0]  # the image read again: items stay small
+    def request(self, item: Item, info: ModelInfo) -> GenerationRequest:
+        """The line's request checked against the loaded model, with its family's FIS presets (the id plays no
+        part); UserError if the model refuses it. The default preset (--fis) runs dense where it cannot apply."""
+        parsed = build(
+            item.obj, Limits(), self.default_fis, info, allow_id=True, image_root=self.manifest.parent
+        )  # the image read again: items stay small
+        with self._lock:
+            self._notes[item.id] = parsed.notes
+            self.fps = self.fps or info.fps  # the model's frame rate unless --fps says otherwise
+        return parsed.request
 
     # ---- outcomes (called by whoever rendered the line: a Ray group thread, or a group leader) --------------
     def next_item(self) -> Item | None:
@@ -151,9 +157,12 @@ class Batch:
             return self._queue.popleft() if self._queue else None
 
     def done(self, item: Item, result: dict) -> None:
-        write_mp4(result["frames"], self.video_path(item), fps=self.fps)
+        write_mp4(result["frames"], self.video_path(item), fps=self.fps or 16)
+        metrics = dict(result["metrics"])
+        if self._notes.get(item.id):
+            metrics["notes"] = [*metrics.get("notes", []), *self._notes[item.id]]
         write_json(
-            {**result["metrics"], "id": item.id, "line": item.line, "key": item.key, "manifest": str(self.manifest)},
+            {**metrics, "id": item.id, "line": item.line, "key": item.key, "manifest": str(self.manifest)},
             self.metrics_path(item),
         )  # last: marks the line complete
         with self._lock:
@@ -186,6 +195,12 @@ class Batch:
         tqdm.write(f"{self.manifest}:{entry['line']}: {entry['reason']}", file=sys.stderr)
 
     # ---- the end --------------------------------------------------------------------------------------------
+    def not_run(self) -> list[str]:
+        """Pending lines with no outcome: neither rendered nor failed (under torchrun the queue is never taken
+        from, groups take their lines by position; on Ray what every lost group left)."""
+        seen = {*self.rendered, *(e["id"] for e in self.errors)}
+        return [i.id for i in self.pending if i.id not in seen]
+
     def summary(self, backend: str, groups: int, ranks: int) -> dict:
         self.bar.n = len(self.rendered) + len(self.errors)  # torchrun: the other groups' lines, now known
         self.bar.close()
@@ -204,7 +219,7 @@ class Batch:
             "failures": failures,
             "done_ids": sorted(self.rendered),
             "skipped_ids": [i.id for i in self.skipped],
-            "not_run": [i.id for i in self._queue],  # left when every render group was lost
+            "not_run": self.not_run(),  # left when every render group was lost
             "total_time_s": round(elapsed, 3),
             "videos_per_hour": round(len(self.rendered) / elapsed * 3600, 2) if self.rendered else 0.0,
         }

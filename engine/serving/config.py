@@ -1,9 +1,11 @@
 """The endpoint's configuration: a TOML file ([model], [parallel], [serve], [limits]; the template ships as
-engine/configs/serve.toml) plus 'section.key=value' overrides from the command line."""
+engine/configs/serve.toml) plus 'section.key=value' overrides from the command line. The API key may come from the
+environment instead (FIS_API_KEY, like vLLM's VLLM_API_KEY), so it need not sit in a file or a process list."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,12 @@ class ServeSettings:
     fis: str = "balanced"  # FIS preset for requests that give none
     max_body_kib: int = 64
     job_lease_s: float = 30.0  # a running job not heard of for this long was on a dead replica
+    poll_after_ms: int = 1000  # what GET /v1/videos/{id} tells a polling client (openai-poll-after-ms)
+    max_replicas_per_node: int = 0  # 0: no limit; 1 spreads replicas over nodes (Ray Serve's own setting)
+    api_key: str = ""  # "": no key; else every route but /healthz and the page wants "Authorization: Bearer KEY"
+    allowed_hosts: list = field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])  # Host header; "*": any
+    retention_hours: float = 24.0  # finished jobs and their files are removed this long after they finish
+    body_timeout_s: float = 30.0  # a request body not fully received by then gets 408
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -38,7 +46,16 @@ PARALLEL = ("cfg_parallel", "ulysses", "ring", "shard", "sp_attention", "vae_par
 class ServeConfig:
     model: WorkerConfig = field(default_factory=WorkerConfig)  # [model] and [parallel]
     serve: ServeSettings = field(default_factory=ServeSettings)
-    limits: Limits = field(default_factory=lambda: Limits(max_side=1280, max_frames=129, max_steps=50))
+    limits: Limits = field(
+        default_factory=lambda: Limits(
+            max_side=1280,
+            max_frames=129,
+            max_steps=50,
+            max_prompt_chars=4000,
+            max_image_pixels=4096 * 4096,
+            max_job_s=900.0,
+        )
+    )
 
     @property
     def model_name(self) -> str:
@@ -79,6 +96,11 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides=()) -> ServeConfig:
     if cfg.serve.queue_size < 1 or cfg.serve.replicas < 1:
         raise UserError("serve.queue_size and serve.replicas must be >= 1")
     cfg.serve.output_dir = str(Path(cfg.serve.output_dir).resolve())  # replicas may run elsewhere
+    cfg.serve.api_key = os.environ.get("FIS_API_KEY", cfg.serve.api_key)
+    if not all(isinstance(h, str) and h for h in cfg.serve.allowed_hosts):
+        raise UserError(f"serve.allowed_hosts must be a list of host names, got {cfg.serve.allowed_hosts!r}")
+    if cfg.serve.retention_hours <= 0 or cfg.serve.body_timeout_s <= 0:
+        raise UserError("serve.retention_hours and serve.body_timeout_s must be > 0")
     return cfg
 
 
@@ -103,7 +125,8 @@ def _fill(obj, section: str, values: dict, keys=None):
         elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         elif type(v) is not type(default):
-            kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[type(default)]
+            kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+            kind = kinds[type(default)]
             raise UserError(f"{section}.{key} must be {kind}, got {v!r}")
         out[key] = v
     return dataclasses.replace(obj, **out)

@@ -15,10 +15,13 @@ MASTER_ADDR, MASTER_PORT; parallel.init_parallel): torchrun sets them, the Ray e
 from __future__ import annotations
 
 import os
+import secrets
+import threading
+import time
 from typing import Protocol
 
-from engine.errors import Cancelled, UserError, one_line
-from engine.runtime.io import to_uint8
+from engine.errors import UserError, one_line
+from engine.runtime.io import mp4_bytes, to_uint8
 from engine.runtime.request import GenerationRequest
 from engine.runtime.timing import gpu_info
 from engine.runtime.worker import Worker, WorkerConfig
@@ -31,9 +34,10 @@ class Executor(Protocol):
     info: object
     describe: dict
 
-    def run(self, req: GenerationRequest, on_poll=None) -> dict:
-        """The leader's {'frames': uint8 [F, H, W, 3], 'metrics'}. on_poll(step, steps) -> True cancels. Raises
-        UserError / Cancelled as the ranks do; GroupFailed if a rank died (the group must then be shut down)."""
+    def run(self, req: GenerationRequest, on_poll=None, fps: int | None = None) -> dict:
+        """The leader's {'frames': uint8 [F, H, W, 3], 'metrics'}, or with `fps` {'video': mp4 bytes, 'metrics'}
+        (encoded where the frames are). on_poll(step, steps) -> True cancels. Raises UserError / Cancelled as the
+        ranks do; GroupFailed if a rank died (the group must then be shut down)."""
 
     def health(self) -> list[dict]:
         """Per rank: {'rank', 'alive', ...}."""
@@ -56,8 +60,10 @@ class GroupMember:
         self.progress = (0, 0)  # (step, steps) of the current request; a Ray driver reads it from another thread
         self._cancel: str | None = None  # the job token a driver cancelled
 
-    def run(self, req: GenerationRequest, job: str | None = None, on_step=None) -> dict | None:
-        """Generate on this rank. The leader returns {'frames': uint8 [F, H, W, 3], 'metrics'}, the others None.
+    def run(self, req: GenerationRequest, job: str | None = None, on_step=None, fps: int | None = None) -> dict | None:
+        """Generate on this rank. The leader returns {'frames': uint8 [F, H, W, 3], 'metrics'}, the others None;
+        with `fps`, {'video': the mp4's bytes, 'metrics'} instead: the video is encoded here, beside its frames, so
+        a 480p clip crosses to the replica and the store as a few MB of mp4, not ~100 MB of pixels.
         A run with a job token stops at the next step after cancel(job) (the Worker has every rank agree).
         on_step(k, n): after each step, in this process (it may raise Cancelled in a group of one)."""
         self.progress = (0, req.steps)
@@ -69,12 +75,17 @@ class GroupMember:
                 on_step(k, n)
 
         try:
-            out = self.worker.execute("generate", req, on_step=step, cancel=cancel)
+            out = self.worker.execute("generate", req, on_step=step, cancel=cancel, in_step=True)
         finally:
             self.progress = (0, 0)  # a driver polling before the next request starts must not see this one's
         if out["frames"] is None:
             return None
-        return {"frames": to_uint8(out["frames"]), "metrics": out["metrics"]}
+        frames = to_uint8(out["frames"])
+        if fps is None:
+            return {"frames": frames, "metrics": out["metrics"]}
+        t0 = time.perf_counter()
+        video = mp4_bytes(frames, fps)
+        return {"video": video, "metrics": {**out["metrics"], "encode_s": time.perf_counter() - t0, "fps": fps}}
 
     def cancel(self, job: str) -> None:
         self._cancel = job
@@ -90,18 +101,33 @@ class GroupMember:
 
 
 class LocalExecutor:
-    """A worker group of one, in this process: the model loads here and requests run on the caller's thread."""
+    """A worker group of one, in this process: the model loads here and requests run on the caller's thread, while
+    a watcher thread polls (on_poll, like RayExecutor's driver: heartbeats, cancellation) every `poll_s`, so a
+    cancel lands within a block of the step, not at its end."""
 
-    def __init__(self, cfg: WorkerConfig):
+    def __init__(self, cfg: WorkerConfig, poll_s: float = 0.2):
         self.member = GroupMember(cfg)
         self.info, self.describe = self.member.worker.info, self.member.worker.describe()
+        self.poll_s = poll_s
 
-    def run(self, req: GenerationRequest, on_poll=None) -> dict:
-        def on_step(k: int, n: int) -> None:
-            if on_poll is not None and on_poll(k, n):
-                raise Cancelled()
+    def run(self, req: GenerationRequest, on_poll=None, fps: int | None = None) -> dict:
+        job, done, member = secrets.token_hex(8), threading.Event(), self.member  # shutdown() may drop self.member
 
-        return self.member.run(req, on_step=on_step)
+        def watch() -> None:
+            while not done.wait(self.poll_s):
+                if on_poll(*member.progress):
+                    member.cancel(job)  # the Worker stops at its next block
+                    return
+
+        watcher = threading.Thread(target=watch, name="fis-poll", daemon=True)
+        if on_poll is not None:
+            watcher.start()
+        try:
+            return member.run(req, job, fps=fps)
+        finally:
+            done.set()
+            if watcher.is_alive():
+                watcher.join()
 
     def health(self) -> list[dict]:
         return [{"rank": 0, "alive": True, **self.member.health()}]
@@ -125,7 +151,7 @@ def render_local(batch, cfg: WorkerConfig):
         batch.watch([i for n, i in enumerate(batch.pending) if n % groups != group])
     for item in batch.pending[group::groups]:
         try:
-            result = member.run(batch.request(item, member.worker.info.family))
+            result = member.run(batch.request(item, member.worker.info))
         except UserError as e:  # every rank of the group rejects the line alike
             if ctx.is_leader:
                 batch.failed(item, str(e))

@@ -9,6 +9,14 @@ the lease was running on a replica that died: it is reported failed ("interrupte
 the client may already have moved on and a re-run would silently cost a full generation.
 
 Job ids come from `secrets` (128 random bits) and are the only input to a file name.
+
+State is bounded: finished jobs and their files are removed `retention_s` after they finish (purge; the video object
+shows when as `expires_at`), and a job cancelled before it started keeps its place in the queue's count until it is
+removed (DELETE again, or retention), so submitting and cancelling cannot fill the database past queue_size.
+
+Records are shown as OpenAI's video object (video()): status queued | in_progress | completed | failed (a cancelled
+job is failed with error code "cancelled"), progress an integer percent, times in unix seconds, error
+{code, message}; the engine's extras (the request, steps, fis, timings) under their own keys.
 """
 
 from __future__ import annotations
@@ -21,12 +29,20 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .schema import api_view
+from .schema import api_view, seconds_of
 
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 FINAL = ("completed", "failed", "cancelled")
+STATUS = {
+    "queued": "queued",
+    "running": "in_progress",
+    "completed": "completed",
+    "failed": "failed",
+    "cancelled": "failed",
+}
 ID = re.compile(r"video_[0-9a-f]{32}")
-INTERRUPTED = "interrupted: the server stopped while this job was running; submit it again"
+INTERRUPTED = "interrupted: the replica running this job stopped (a restart or a lost node); submit it again"
+CANCELLED = "cancelled by the client"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -46,18 +62,31 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 """
+# columns added since the first version: a store made by an older one gains them on open
+_ADDED = {"meta": "TEXT", "error_code": "TEXT"}
+# a running job that stopped without finishing: interrupted, or cancelled as its client asked
+_STOPPED = (
+    "UPDATE jobs SET state = CASE WHEN cancel = 1 THEN 'cancelled' ELSE 'failed' END, "
+    "error = CASE WHEN cancel = 1 THEN ? ELSE ? END, "
+    "error_code = CASE WHEN cancel = 1 THEN 'cancelled' ELSE 'interrupted' END, finished_at = ? "
+)
 
 
 class QueueFull(Exception):
     """The bounded queue holds `capacity` jobs already."""
 
     def __init__(self, capacity: int):
+        self.capacity = capacity
         super().__init__(f"the queue is full ({capacity} jobs waiting); retry later")
+
+    def __reduce__(self):  # across Ray (pickled): rebuilt from the capacity, not from the message
+        return QueueFull, (self.capacity,)
 
 
 class JobStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, retention_s: float | None = None):
         self.root = Path(root)
+        self.retention_s = retention_s  # None: kept until deleted
         self.videos = self.root / "videos"
         self.videos.mkdir(parents=True, exist_ok=True)
         self.path = self.root / "jobs.sqlite3"
@@ -65,6 +94,10 @@ class JobStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the runner's writes
             db.executescript(_SCHEMA)  # its own transaction: executescript commits around itself
+            have = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in _ADDED.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         finally:
             db.close()
 
@@ -99,18 +132,21 @@ class JobStore:
         return self.videos / f"{job_id}{suffix}"
 
     # ---- the queue ---------------------------------------------------------------------------------------
-    def submit(self, request: dict, capacity: int) -> dict:
-        """Queue a validated request (GenerationRequest.to_dict()); QueueFull when `capacity` are waiting."""
+    def submit(self, request: dict, capacity: int, meta: dict | None = None) -> dict:
+        """Queue a validated request (GenerationRequest.to_dict()); QueueFull when `capacity` are waiting.
+        meta: what the video object shows beside the request ('model', 'fps', 'fis_source', 'notes')."""
         job_id = "video_" + secrets.token_hex(16)
         with self._tx() as db:
-            (waiting,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
+            (waiting,) = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'queued' OR (state = 'cancelled' AND started_at IS NULL)"
+            ).fetchone()
             if waiting >= capacity:
                 raise QueueFull(capacity)
             db.execute(
-                "INSERT INTO jobs (id, state, request, created_at, steps) VALUES (?, 'queued', ?, ?, ?)",
-                (job_id, json.dumps(request), time.time(), request["steps"]),
+                "INSERT INTO jobs (id, state, request, created_at, steps, meta) VALUES (?, 'queued', ?, ?, ?, ?)",
+                (job_id, json.dumps(request), time.time(), request["steps"], json.dumps(meta or {})),
             )
-            return _record(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return video(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone(), self.retention_s)
 
     def claim(self, owner: str) -> tuple[str, dict] | None:
         """The oldest queued job, now running under `owner`: (id, request) or None."""
@@ -138,15 +174,36 @@ class JobStore:
             row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return bool(row and row["cancel"])
 
-    def finish(self, job_id: str, state: str, error: str | None = None, timings: dict | None = None) -> bool:
-        """Running -> a final state; False if the job was no longer running (e.g. declared interrupted)."""
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        error: str | None = None,
+        timings: dict | None = None,
+        code: str | None = None,
+        meta: dict | None = None,
+    ) -> bool:
+        """Running -> a final state; False if the job was no longer running (e.g. declared interrupted).
+        code: the error's machine-readable code; meta: merged into the job's meta (e.g. the FIS speedup)."""
         assert state in FINAL
+        code = code or {"failed": "internal_error", "cancelled": "cancelled"}.get(state)
         with self._tx() as db:
+            row = db.execute("SELECT meta FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            merged = {**json.loads(row["meta"] or "{}"), **(meta or {})} if row else {}
             cur = db.execute(
-                "UPDATE jobs SET state = ?, error = ?, timings = ?, finished_at = ?, "
+                "UPDATE jobs SET state = ?, error = ?, error_code = ?, timings = ?, finished_at = ?, meta = ?, "
                 "step = CASE WHEN ? = 'completed' THEN steps ELSE step END "
                 "WHERE id = ? AND state = 'running'",
-                (state, error, json.dumps(timings) if timings else None, time.time(), state, job_id),
+                (
+                    state,
+                    error,
+                    code,
+                    json.dumps(timings) if timings else None,
+                    time.time(),
+                    json.dumps(merged),
+                    state,
+                    job_id,
+                ),
             )
             return cur.rowcount == 1
 
@@ -171,9 +228,9 @@ class JobStore:
                 return None
             if row["state"] == "queued":
                 db.execute(
-                    "UPDATE jobs SET state = 'cancelled', error = 'cancelled by the client', finished_at = ? "
+                    "UPDATE jobs SET state = 'cancelled', error = ?, error_code = 'cancelled', finished_at = ? "
                     "WHERE id = ?",
-                    (time.time(), job_id),
+                    (CANCELLED, time.time(), job_id),
                 )
                 return "cancelled"
             if row["state"] == "running":
@@ -185,33 +242,60 @@ class JobStore:
         return "deleted"
 
     def expire(self, lease_s: float) -> int:
-        """Running jobs whose replica stopped renewing them -> failed (interrupted). Returns how many."""
+        """Running jobs whose replica stopped renewing them -> failed (interrupted), or cancelled where the client
+        had asked. Returns how many."""
         with self._tx() as db:
             return db.execute(
-                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? "
-                "WHERE state = 'running' AND heartbeat_at < ?",
-                (INTERRUPTED, time.time(), time.time() - lease_s),
+                _STOPPED + "WHERE state = 'running' AND heartbeat_at < ?",
+                (CANCELLED, INTERRUPTED, time.time(), time.time() - lease_s),
             ).rowcount
 
     def interrupt(self, owner: str) -> int:
-        """A replica shutting down: its running jobs -> failed (interrupted) now, without waiting for the lease."""
+        """A replica shutting down: its running jobs -> failed (interrupted) now, without waiting for the lease;
+        cancelled where the client had asked."""
         with self._tx() as db:
             return db.execute(
-                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state = 'running' AND owner = ?",
-                (INTERRUPTED, time.time(), owner),
+                _STOPPED + "WHERE state = 'running' AND owner = ?", (CANCELLED, INTERRUPTED, time.time(), owner)
             ).rowcount
+
+    def purge(self) -> int:
+        """Finished jobs older than the retention: record, video and metrics removed. Returns how many."""
+        if self.retention_s is None:
+            return 0
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id FROM jobs WHERE state IN ('completed', 'failed', 'cancelled') AND finished_at < ?",
+                (time.time() - self.retention_s,),
+            ).fetchall()
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(r["id"],) for r in rows])
+        for r in rows:
+            self.video_path(r["id"]).unlink(missing_ok=True)
+            self.metrics_path(r["id"]).unlink(missing_ok=True)
+        return len(rows)
 
     # ---- reading -----------------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict | None:
         with self._tx(write=False) as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else video(row, self.retention_s)
 
-    def list(self, limit: int = 100) -> list[dict]:
-        """Newest first."""
+    def list(self, limit: int = 100, after: str | None = None, order: str = "desc") -> tuple[list[dict], bool]:
+        """(a page of video objects, whether more follow): newest first ('desc') or oldest first, after the job
+        `after` (a cursor: the last id of the previous page). An `after` that is no job: an empty page."""
+        assert order in ("asc", "desc")
+        op, direction = ("<", "DESC") if order == "desc" else (">", "ASC")
         with self._tx(write=False) as db:
-            rows = db.execute("SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)).fetchall()
-        return [_record(r) for r in rows]
+            where, args = "", []
+            if after is not None:
+                cursor = db.execute("SELECT created_at, rowid FROM jobs WHERE id = ?", (after,)).fetchone()
+                if cursor is None:
+                    return [], False
+                where, args = f"WHERE (created_at, rowid) {op} (?, ?)", [cursor[0], cursor[1]]
+            rows = db.execute(
+                f"SELECT * FROM jobs {where} ORDER BY created_at {direction}, rowid {direction} LIMIT ?",
+                (*args, limit + 1),
+            ).fetchall()
+        return [video(r, self.retention_s) for r in rows[:limit]], len(rows) > limit
 
     def counts(self) -> dict:
         with self._tx(write=False) as db:
@@ -219,22 +303,43 @@ class JobStore:
         return {s: 0 for s in STATES} | {r["state"]: r["n"] for r in rows}
 
 
-def _record(row: sqlite3.Row) -> dict:
-    """A job as the API shows it."""
+def video(row: sqlite3.Row, retention_s: float | None = None) -> dict:
+    """A job as the API shows it: OpenAI's video object, then the engine's extras."""
     t = dict(row)
+    meta = json.loads(t.get("meta") or "{}")
+    req = json.loads(t["request"])
     timings = json.loads(t["timings"]) if t["timings"] else {}
     if t["started_at"]:
         timings["queued_s"] = t["started_at"] - t["created_at"]
+    state, step, steps = t["state"], t["step"], max(1, t["steps"])
+    percent = 100 if state == "completed" else 0 if state == "queued" else 100 * step // steps
+    if state == "running":
+        percent = min(percent, 99)  # decoding and storing are left after the last step
+    fis = req["fis"]
+    notes = list(meta.get("notes") or [])
     return {
         "id": t["id"],
         "object": "video",
-        "status": t["state"],
-        "progress": {"step": t["step"], "steps": t["steps"], "percent": round(100 * t["step"] / max(1, t["steps"]))},
-        "cancel_requested": bool(t["cancel"]) and t["state"] == "running",
-        "created_at": t["created_at"],
-        "started_at": t["started_at"],
-        "finished_at": t["finished_at"],
+        "model": meta.get("model", ""),
+        "status": STATUS[state],
+        "progress": percent,
+        "created_at": int(t["created_at"]),
+        "completed_at": None if t["finished_at"] is None else int(t["finished_at"]),
+        "expires_at": None if t["finished_at"] is None or retention_s is None else int(t["finished_at"] + retention_s),
+        "prompt": req["prompt"],
+        "seconds": seconds_of(req["num_frames"], meta.get("fps", 16)),
+        "size": f"{req['width']}x{req['height']}",
+        "error": None if t["error"] is None else {"code": t["error_code"] or "internal_error", "message": t["error"]},
+        # the engine's own
+        "steps": {"done": step, "total": t["steps"]},
+        "fis": {
+            "preset": fis["name"] if fis else "off",
+            "source": meta.get("fis_source", "request"),
+            "speedup_estimate": meta.get("speedup_estimate"),
+            "notes": notes,  # e.g. why the server's default preset ran dense
+        },
         "timings": timings,
-        "error": t["error"],
-        "request": api_view(json.loads(t["request"])),
+        "started_at": None if t["started_at"] is None else int(t["started_at"]),
+        "cancel_requested": bool(t["cancel"]) and state == "running",
+        "request": api_view(req),
     }

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import secrets
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from .service import VideoService
 
 # Replicas and workers import this repository; a checkout that is not pip-installed must still be found.
 # (On a multi-node cluster the checkout, or the installed package, must be at the same path on every node.)
+log = logging.getLogger("fis.serve")
 ROOT = str(Path(__file__).resolve().parents[2])
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}}
 
@@ -56,8 +59,8 @@ class WorkerActor:
         self.member = GroupMember(cfg)
         return self.member.worker.info, self.member.worker.describe()
 
-    def generate(self, req, job: str | None):
-        return self.member.run(req, job)
+    def generate(self, req, job: str | None, fps: int | None = None):
+        return self.member.run(req, job, fps=fps)
 
     def progress(self) -> tuple[int, int]:
         return self.member.progress
@@ -79,6 +82,8 @@ def use_gpus(device: str) -> bool:
 class RayExecutor:
     """A worker group of N ranks on a Ray cluster (engine/serving/executor.py's Executor)."""
 
+    GRACE_S = 30.0  # how long the other ranks may take to stop after one stopped a request (UserError, Cancelled)
+
     def __init__(self, cfg: WorkerConfig, gpus: bool, timeout_s: float = 900):
         ranks = ranks_of(cfg)
         cfg = dataclasses.replace(cfg, ulysses=cfg.ulysses or 1, dp=1)  # the group is a world of its own
@@ -86,7 +91,12 @@ class RayExecutor:
         self.names = [f"fis-worker-{self.tag}-r{i}" for i in range(ranks)]
         self.actors = []
         bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
-        self.pg = placement_group([bundle] * ranks, strategy="STRICT_PACK", name=f"fis-group-{self.tag}")
+        self.pg = placement_group(  # on the caller's node when it has room: a replica drives workers beside it
+            [bundle] * ranks,
+            strategy="STRICT_PACK",
+            name=f"fis-group-{self.tag}",
+            _soft_target_node_id=ray.get_runtime_context().get_node_id(),
+        )
         try:
             try:
                 ray.get(self.pg.ready(), timeout=timeout_s)
@@ -117,18 +127,23 @@ class RayExecutor:
             raise
         self.info, self.describe = started[0]
 
-    def run(self, req, on_poll=None, poll_s: float = 0.2) -> dict:
+    def run(self, req, on_poll=None, fps: int | None = None, poll_s: float = 0.2) -> dict:
         """Run `req` on every rank; the leader's result. on_poll(step, steps) -> True cancels (Cancelled).
         Raises UserError / Cancelled as the ranks do, once all have stopped; GroupFailed if a rank died or
         failed otherwise: the group is then unusable (ranks may wait in a collective) and must be shut down."""
         job = secrets.token_hex(8)
-        refs = [a.generate.remote(req, job) for a in self.actors]
-        pending, cancelling = list(refs), False
+        refs = [a.generate.remote(req, job, fps) for a in self.actors]
+        pending, cancelling, stopped = list(refs), False, None
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
                 for ref in done:
-                    self._check(refs.index(ref), ref)
+                    if self._check(refs.index(ref), ref) and stopped is None:
+                        stopped = time.monotonic()
+                if pending and stopped is not None and time.monotonic() - stopped > self.GRACE_S:
+                    raise GroupFailed(  # ranks that did not stop alike may wait for the others forever
+                        f"worker rank {refs.index(pending[0])} went on after another rank stopped the request"
+                    )
                 if pending and on_poll is not None:
                     try:
                         step = ray.get(self.actors[0].progress.remote(), timeout=30)
@@ -146,24 +161,28 @@ class RayExecutor:
         except RayTaskError as e:
             raise e.cause from None  # Cancelled or UserError: _check let only those through
 
-    def _check(self, rank: int, ref) -> None:
+    def _check(self, rank: int, ref) -> bool:
         """GroupFailed if this rank's task failed other than by Cancelled or UserError, which every rank
-        raises alike (the others are left to finish)."""
+        raises alike (the others are left to finish, for GRACE_S); True if it stopped by one of those."""
         try:
             ray.get(ref)
         except RayTaskError as e:
             if not isinstance(e.cause, (Cancelled, UserError)):
                 raise GroupFailed(self._lost(rank, e)) from None
+            return True
         except RayActorError as e:
             raise GroupFailed(self._lost(rank, e)) from None
+        return False
 
     def _lost(self, rank: int, error: Exception) -> str:
         """Why the group broke, naming a dead rank if there is one (a survivor's error is often only the
-        collective that lost its peer)."""
+        collective that lost its peer). What clients see: the rank and the kind of failure; the rest is logged."""
+        log.error("worker group %s, rank %d: %s", self.tag, rank, _first_line(error))
         for h in self.health():
             if not h["alive"]:
-                return f"worker rank {h['rank']} ({h['actor']}) died mid-job"
-        return f"worker rank {rank} ({self.names[rank]}) failed: {_first_line(error)}"
+                return f"worker rank {h['rank']} died mid-job"
+        kind = type(error.cause if isinstance(error, RayTaskError) and error.cause is not None else error).__name__
+        return f"worker rank {rank} failed ({kind}); see the replica's log"
 
     def health(self) -> list[dict]:
         refs = [a.health.remote() for a in self.actors]
@@ -211,7 +230,7 @@ class RemoteStore:
         return call
 
 
-def shared_store(output_dir: str) -> RemoteStore:
+def shared_store(output_dir: str, retention_s: float | None = None) -> RemoteStore:
     """The store actor of `output_dir`, started on the head node on first use and found by name after that.
     Detached: it outlives replicas (a crashed replica's jobs stay listed) and app restarts reuse it."""
     name = "fis-jobs-" + hashlib.sha1(output_dir.encode()).hexdigest()[:12]
@@ -227,7 +246,7 @@ def shared_store(output_dir: str) -> RemoteStore:
             resources={"node:__internal_head__": 0.001},
             runtime_env=RUNTIME_ENV,
         )
-        .remote(output_dir)
+        .remote(output_dir, retention_s)
     )
     return RemoteStore(actor)
 
@@ -239,7 +258,9 @@ class VideoDeployment:
     def __init__(self, config: ServeConfig):
         gpus = use_gpus(config.model.device)
         self.service = VideoService(
-            config, lambda: RayExecutor(config.model, gpus), store=shared_store(config.serve.output_dir)
+            config,
+            lambda: RayExecutor(config.model, gpus),
+            store=shared_store(config.serve.output_dir, config.serve.retention_hours * 3600),
         )
 
     def __serve_build_asgi_app__(self):
@@ -253,12 +274,14 @@ class VideoDeployment:
 def serve_app(config: ServeConfig):
     """The Serve application (serve.run / `serve run`): config.serve.replicas replicas, each spanning
     cfg x ulysses x ring GPUs. The replica itself only routes and queues, so it reserves no CPU."""
+    spread = {"max_replicas_per_node": config.serve.max_replicas_per_node} if config.serve.max_replicas_per_node else {}
     return serve.deployment(
         VideoDeployment,
         name="fis-video",
         num_replicas=config.serve.replicas,
         max_ongoing_requests=256,
         ray_actor_options={"num_cpus": 0, "runtime_env": RUNTIME_ENV},
+        **spread,
     ).bind(config)
 
 
@@ -282,7 +305,7 @@ def render_on_ray(batch, cfg: WorkerConfig, groups: int | None, address: str | N
         try:
             while (item := batch.next_item()) is not None:
                 try:
-                    req = batch.request(item, group.info.family)
+                    req = batch.request(item, group.info)
                     batch.done(item, group.run(req))
                 except UserError as e:
                     batch.failed(item, str(e))

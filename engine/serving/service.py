@@ -3,20 +3,27 @@ and the thread that runs queued jobs on it.
 
 Ray-free: the executor comes from a factory (engine/serving/executor.py: the Executor protocol; the Ray worker
 group of ray_executor.py, or LocalExecutor in one process), and raises GroupFailed when a rank is lost.
+
+What clients see of a failure is its kind and a sentence (a dead rank by its number, a bad request by the engine's
+own message); process ids, addresses, actor names and library exceptions go to the replica's log only. A running
+job is stopped after limits.max_job_s (failed, deadline_exceeded), within a block of its step (runtime/worker.py).
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
 
 from engine.errors import Cancelled, GroupFailed, UserError
-from engine.runtime.io import mp4_bytes
 
 from .config import ServeConfig
-from .jobs import JobStore
-from .schema import check_for, parse, request_from_dict
+from .jobs import CANCELLED, JobStore
+from .schema import build, request_from_dict
+
+log = logging.getLogger("fis.serve")
+PUBLIC_WORKER = ("rank", "alive", "device", "step", "steps", "gpu")  # what /healthz shows of a rank
 
 
 class VideoService:
@@ -25,7 +32,8 @@ class VideoService:
 
     def __init__(self, config: ServeConfig, make_group, store=None):
         self.config = config
-        self.store = store if store is not None else JobStore(config.serve.output_dir)  # or a remote one
+        retention = config.serve.retention_hours * 3600
+        self.store = store if store is not None else JobStore(config.serve.output_dir, retention)  # or a remote one
         self.owner = secrets.token_hex(8)  # marks the jobs this replica runs
         self._make_group = make_group
         self.group = make_group()  # a model that cannot load fails the replica's start, loudly
@@ -38,16 +46,19 @@ class VideoService:
 
     # ---- API -----------------------------------------------------------------------------------------------
     def submit(self, body) -> dict:
-        """Validate (FieldError) and queue (QueueFull) a request body; returns the job record."""
-        req, _ = parse(body, self.config.limits, self.config.serve.fis, self.info.family)
-        req = check_for(req, self.info)
-        record = self.store.submit(req.to_dict(), self.config.serve.queue_size)
+        """Validate (FieldError, ModelNotFound) and queue (QueueFull) a request body (a JSON object, or a form as
+        schema.form_body makes it); returns the video object."""
+        c = self.config
+        parsed = build(body, c.limits, c.serve.fis, self.info, c.model_name)
+        meta = {"model": c.model_name, "fps": self.info.fps, "fis_source": parsed.fis_source, "notes": parsed.notes}
+        record = self.store.submit(parsed.request.to_dict(), c.serve.queue_size, meta)
         self._wake.set()
         return record
 
     def health(self) -> tuple[bool, dict]:
         group = self.group
         workers = group.health() if group is not None else []
+        workers = [{k: w[k] for k in PUBLIC_WORKER if k in w} for w in workers]
         running = self._thread.is_alive()
         ok = running and group is not None and all(w["alive"] for w in workers)
         error = (
@@ -94,38 +105,64 @@ class VideoService:
                 continue
             self._run(*job)
 
+    def _poll(self, job_id: str, step: int) -> bool:
+        """While a job runs: its heartbeat (True if the client cancelled it), and the sweep for jobs of replicas
+        that died meanwhile (a long job must not keep them 'running' until it ends)."""
+        self._sweep()
+        return self.store.heartbeat(job_id, step)
+
     def _sweep(self) -> None:
-        """Jobs left running by a replica that died: failed (interrupted) once their lease ran out."""
+        """Jobs left running by a replica that died: failed (interrupted) once their lease ran out; finished jobs
+        past the retention: removed with their files."""
         lease = self.config.serve.job_lease_s
-        if time.monotonic() - self._last_sweep >= lease / 4:
+        if time.monotonic() - self._last_sweep >= min(lease / 4, 60.0):
             self._last_sweep = time.monotonic()
             self.store.expire(lease)
+            self.store.purge()
 
     def _run(self, job_id: str, request: dict) -> None:
         req = request_from_dict(request)
+        notes = (self.store.get(job_id) or {}).get("fis", {}).get("notes", [])
         t0 = time.time()
+        limit = self.config.limits.max_job_s
+        late = []
+
+        def poll(k: int, n: int) -> bool:
+            if limit and time.time() - t0 > limit:
+                late.append(True)
+                return True  # stopped like a cancel, reported as what it is
+            return self._poll(job_id, k)
+
         try:
-            result = self.group.run(req, lambda k, n: self.store.heartbeat(job_id, k))
+            result = self.group.run(req, poll, fps=self.info.fps)
             t1 = time.time()
-            self.store.save_outputs(job_id, mp4_bytes(result["frames"]), {**result["metrics"], "id": job_id})
+            m = result["metrics"]
+            if notes:
+                m = {**m, "notes": [*m.get("notes", []), *notes]}
+            self.store.save_outputs(job_id, result["video"], {**m, "id": job_id})
         except Cancelled:
-            self.store.finish(job_id, "cancelled", "cancelled by the client")
+            if late:
+                message = f"stopped after {limit:g} s: the server's limit per job (limits.max_job_s)"
+                self.store.finish(job_id, "failed", message, code="deadline_exceeded")
+            else:
+                self.store.finish(job_id, "cancelled", CANCELLED)
         except UserError as e:
-            self.store.finish(job_id, "failed", str(e))
+            self.store.finish(job_id, "failed", str(e), code="invalid_request")
         except GroupFailed as e:
-            self.store.finish(job_id, "failed", f"{e}; the worker group is being restarted")
+            log.error("job %s: worker group failed: %s", job_id, e)
+            self.store.finish(job_id, "failed", f"{e}; the worker group is being restarted", code="worker_failed")
             group, self.group = self.group, None  # the loop builds a new one before the next job
             group.shutdown()
         except Exception as e:  # e.g. a full disk: this job fails, the service goes on
-            self.store.finish(job_id, "failed", f"{type(e).__name__}: {e}")
+            log.exception("job %s failed", job_id)
+            self.store.finish(job_id, "failed", f"internal error ({type(e).__name__}); see the replica's log")
         else:
-            m = result["metrics"]
             timings = {
                 "run_s": t1 - t0,
                 "write_s": time.time() - t1,
-                **{k: m[k] for k in ("latency_s", "text_encode_s", "denoise_s", "decode_s")},
+                **{k: m[k] for k in ("latency_s", "text_encode_s", "denoise_s", "decode_s", "encode_s")},
             }
-            self.store.finish(job_id, "completed", timings=timings)
+            self.store.finish(job_id, "completed", timings=timings, meta={"speedup_estimate": m["speedup_estimate"]})
 
     def _rebuild(self) -> bool:
         if self._stop.is_set():
@@ -133,7 +170,8 @@ class VideoService:
         try:
             group = self._make_group()
         except Exception as e:  # reported on /healthz; the jobs stay queued
-            self.group_error = f"worker group failed to start: {type(e).__name__}: {e}"
+            log.error("worker group failed to start: %s: %s", type(e).__name__, e)
+            self.group_error = f"the worker group failed to start ({type(e).__name__}); see the replica's log"
             return False
         if self._stop.is_set():  # close() ran while the group was starting: it would hold its GPUs forever
             group.shutdown()
