@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 from engine.errors import UserError
@@ -38,8 +39,12 @@ def quiet_libraries() -> None:
 
 
 def fail(message: str, prog: str = "generate") -> None:
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
-        print(f"{prog}: error: {message}", file=sys.stderr)
+    """One line on stderr, exit 2. Under torchrun every rank fails alike: rank 0 says it once; the others wait
+    for torchrun to stop them when rank 0 exits (exiting first would let torchrun kill rank 0 before it prints)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(60)  # torchrun terminates this rank as soon as rank 0 has exited with 2
     raise SystemExit(2)
 
 
