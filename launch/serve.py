@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from engine.errors import UserError
+from engine.errors import UserError, one_line
 from engine.serving.config import DEFAULT_CONFIG, load_config
 from engine.serving.executor import ranks_of
 from launch.common import Parser, fail
@@ -59,10 +59,16 @@ def main(argv=None) -> int:
     if a.executor == "local":
         return _serve_local(cfg)
 
-    import ray
-    from ray import serve
+    try:
+        import ray
+        from ray import serve
 
-    from engine.serving.ray_executor import serve_app
+        from engine.serving.ray_executor import serve_app
+    except Exception as e:  # not installed, or installed against other versions of its dependencies
+        fail(
+            f"Ray Serve cannot be imported ({one_line(e, 200)}): pip install 'fis-engine[serve]', or --executor local",
+            "serve",
+        )
 
     ray.init(address=a.address)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -59,9 +59,11 @@ class Smoke:
             time.sleep(0.5)
         raise RuntimeError(f"{vid} did not reach {until} within {timeout} s: {v}")
 
-    def health(self, timeout=900, ok=True) -> dict:
+    def health(self, timeout=900, ok=True, server: subprocess.Popen | None = None) -> dict:
         end = time.time() + timeout
         while time.time() < end:
+            if server is not None and server.poll() is not None:  # it will never answer: say so now
+                raise RuntimeError(f"the server exited with status {server.returncode} before it was ready")
             try:
                 r = self.get("/healthz")
                 if (r.status_code == 200) == ok:
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     }
     try:
         t0 = time.time()
-        report["health_ready"] = s.health(a.timeout)
+        report["health_ready"] = s.health(a.timeout, server=server)
         report["ready_s"] = time.time() - t0
         report["model_info"] = s.get("/v1/models").json()["data"][0]
         workers = report["health_ready"]["workers"]
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         killed = s.wait(long)
-        after = s.health(a.timeout)
+        after = s.health(a.timeout, server=server)
         nxt = s.wait(s.submit({**body, "seed": 3}))
         report["worker_killed"] = {"pids": pids, "job": killed, "next": nxt, "health_after": after}
         checks["kill_fails_that_job"] = killed["status"] == "failed" and killed["error"]["code"] == "worker_failed"
@@ -197,6 +199,8 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+    if "error" in report:  # the server's last words, beside the error
+        report["server_log_tail"] = (out / "serve.log").read_text(errors="replace").splitlines()[-5:]
     report["checks"] = checks
     report["ok"] = bool(checks) and all(checks.values()) and "error" not in report
     (out / "serve_smoke.json").write_text(json.dumps(report, indent=2, default=str))

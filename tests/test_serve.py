@@ -5,13 +5,14 @@ last one restarts it."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
 import requests
-from helpers import chunked_body, free_port
+from helpers import chunked_body, free_port, run_cli
 from ray import serve
 
 from engine.errors import UserError
@@ -383,3 +384,13 @@ def test_restart_keeps_jobs(client):
     serve.delete("fis")
     j = client.store.get(last)
     assert j["status"] == "failed" and j["error"]["code"] == "interrupted", j
+
+
+def test_serve_without_a_working_ray_says_so_in_one_line(monkeypatch):
+    """Ray missing, or installed against other versions of its dependencies (seen on a GPU machine: grpcio-reflection
+    newer than grpcio): one line naming the cause and the way out, exit 2, no traceback."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    r = run_cli("serve.py")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("serve: error: Ray Serve cannot be imported") and "--executor local" in lines[0]
