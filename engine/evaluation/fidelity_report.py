@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 
 from fis import anchor_frames
 
-from .fidelity import DENSE, PSNR_CAP
+from .fidelity import DENSE, PSNR_CAP, measured_speedup
 
 FRAME_PLOT = ("FIS-Balanced", "FIS-Fast", "FIS-Balanced-fixed", "FIS-Fast-fixed")
 
@@ -79,7 +79,7 @@ def markdown(report: dict, figures: list[str]) -> str:
         )
         adh = " / ".join(_f(x[f"adherence_{k}_pct"], ".0f") for k in ("colour", "direction", "both"))
         est = x.get("a14b_speedup_estimate") or {}
-        got = {r: measured_speedup(report, fis, r) for r in ("480p", "720p")}
+        got = {r: measured_speedup(report.get("measured"), fis, r) for r in ("480p", "720p")}
         speckle = "n/a" if "speckle_mean" not in x else f"{x['speckle_mean']:.2f} ({x['speckle_max']:.2f})"
         lines.append(
             f"| {name} | "
@@ -140,18 +140,6 @@ def fig_frame_psnr(summary: dict, request: dict, path: Path) -> Path:
     return path
 
 
-def measured_speedup(report: dict, fis: dict | None, resolution: str) -> float | None:
-    """The configuration's speedup on the real-size A14B composed from the measured block times, or None."""
-    measured = report.get("measured")
-    if measured is None:
-        return None
-    from engine.bench.operators import composed_speedup
-    from fis import FISConfig
-
-    config = None if fis is None else FISConfig.from_dict({k: v for k, v in fis.items() if k != "name"})
-    return composed_speedup(measured, config, resolution)
-
-
 FRONTIER_MARKERS = {"residual": "o", "linear": "v", "attn": "s", "kv": "D"}
 
 
@@ -173,7 +161,7 @@ def frontier_points(report: dict) -> dict[str, list[tuple]]:
         point = (
             fis["stride"],
             x["a14b_speedup_estimate"]["720p"],
-            measured_speedup(report, fis, "720p"),
+            measured_speedup(report.get("measured"), fis, "720p"),
             x["psnr_mean"],
             name,
         )
