@@ -26,9 +26,12 @@ demo: $(STAMP)
 	mkdir -p outputs
 	$(PY) launch/generate.py --prompt "a red circle moving right quickly on a dark background" \
 		--fis balanced --output outputs/demo.mp4
-	# the same video without FIS, to compare (docs/benchmarks.md: how far FIS moves this small model)
+	# the same video without FIS, to compare (docs/benchmarks.md: how far FIS moves this small model), and with the
+	# quality preset (operator attn: no speckle on this model, docs/eval/operators/eval.md)
 	$(PY) launch/generate.py --prompt "a red circle moving right quickly on a dark background" \
 		--fis off --output outputs/demo-dense.mp4
+	$(PY) launch/generate.py --prompt "a red circle moving right quickly on a dark background" \
+		--fis quality --output outputs/demo-quality.mp4
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
