@@ -39,13 +39,18 @@ def quiet_libraries() -> None:
 
 
 def fail(message: str, prog: str = "generate") -> None:
-    """One line on stderr, exit 2. Under torchrun every rank fails alike: rank 0 says it once; the others wait
-    for torchrun to stop them when rank 0 exits (exiting first would let torchrun kill rank 0 before it prints)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    elif "TORCHELASTIC_RUN_ID" in os.environ:
-        time.sleep(60)  # torchrun terminates this rank as soon as rank 0 has exited with 2
+    """One line on stderr, exit 2. Under torchrun a user error is almost always every rank's (the same checks on
+    the same input): rank 0 says it; another rank first waits, since exiting first would let torchrun kill rank 0
+    before it prints. torchrun stops the waiting rank once rank 0 has exited; if rank 0 did not fail (an error of
+    this rank alone), the rank says it itself after the wait."""
+    rank = os.environ.get("RANK", "0")
+    if rank != "0" and "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(FAIL_GRACE_S)
+    print(f"{prog}: error: {message}" if rank == "0" else f"{prog}: error (rank {rank}): {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+FAIL_GRACE_S = 20.0  # how long a rank other than 0 leaves rank 0 to report the same error
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

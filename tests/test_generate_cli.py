@@ -183,3 +183,17 @@ def test_unknown_random_model_is_a_clear_error(tmp_path, capsys):
         main(["--model", "random:wan9", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "unknown random model 'wan9'" in err and "random:wan2.2-a14b" in err
+
+
+def test_a_user_error_of_one_rank_alone_is_said_by_that_rank(monkeypatch, capsys):
+    """Under torchrun a rank other than 0 leaves rank 0 time to report a shared error (torchrun stops it when rank 0
+    exits); an error of its own it then reports itself, naming the rank."""
+    from launch import common
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setattr(common, "FAIL_GRACE_S", 0.01)
+    for rank, line in (("0", "generate: error: bad"), ("1", "generate: error (rank 1): bad")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            common.fail("bad")
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == line
