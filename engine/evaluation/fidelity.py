@@ -317,7 +317,7 @@ def report(
         },
         "summary": summary,
         "eq6": eq6_info,
-        "targets": targets(summary) + operator_targets(summary, measured),
+        "targets": all_targets(summary, measured),
         **({"measured": measured} if measured is not None else {}),
         "samples": rows,
     }
@@ -377,6 +377,11 @@ def measured_speedup(measured: dict | None, fis: dict | None, resolution: str) -
 
     config = None if fis is None else FISConfig.from_dict({k: v for k, v in fis.items() if k != "name"})
     return composed_speedup(measured, config, resolution)
+
+
+def all_targets(s: dict, measured: dict | None = None) -> list[dict]:
+    """Every target of a run, from its summary (and the GPU-measured speedups, when given)."""
+    return targets(s) + operator_targets(s, measured)
 
 
 def operator_targets(s: dict, measured: dict | None = None) -> list[dict]:
