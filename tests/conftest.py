@@ -25,7 +25,8 @@ def tiny_path():
 
 
 # One spawned gloo world per size for the whole run, serving tests/test_parallel.py, test_parallel_hunyuan.py and
-# test_vae.py (starting a world of CPU processes costs more than most scenarios): tests/scenarios.py.
+# test_vae.py (starting a world of CPU processes costs more than most scenarios): tests/scenarios.py, run by
+# tests/world.py.
 WORLD_SCENARIOS = {
     2: [
         "attention_slices",
@@ -59,14 +60,14 @@ WORLD_SCENARIOS = {
 @pytest.fixture(scope="session")
 def spawned(tmp_path_factory):
     """spawned(world, scenario) -> its metrics; the first call for a world size runs all of that world's scenarios."""
-    import scenarios
+    from world import run_world
 
     cache: dict[int, dict] = {}
 
     def get(world: int, name: str, failed: bool = False) -> dict:
         """failed=True: the scenario is expected to fail; its {'error': ...} is returned."""
         if world not in cache:
-            cache[world] = scenarios.run_world(world, WORLD_SCENARIOS[world], tmp_path_factory.mktemp(f"world{world}"))
+            cache[world] = run_world(world, WORLD_SCENARIOS[world], tmp_path_factory.mktemp(f"world{world}"))
         r = cache[world][name]
         if not failed:
             assert "error" not in r, r.get("error")
